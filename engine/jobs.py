@@ -1,0 +1,83 @@
+"""What goes into the engine and what comes out: plain data, no torch, so the chat side can import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    seed: int
+    steps: int
+    width: int = 1024
+    height: int = 1024
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest
+    png: bytes
+    """Lossless PNG with the parameters in an AUTOMATIC1111-style `parameters` text chunk."""
+    seconds: float
+    seconds_per_step: float
+    peak_vram_bytes: int | None
+    model_name: str
+    notice: str | None = None
+    """Something the user must be told with the picture (the tiny test model says its pictures are noise)."""
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """Sent to a job's listener on the event loop thread.
+
+    kind: "queued" (position changed; 1 = next), "started", "progress" (step/total/eta), "done", "failed", "cancelled".
+    """
+
+    job_id: str
+    kind: str
+    position: int = 0
+    step: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    eta: float | None = None
+    error: str | None = None
+
+
+class EngineError(Exception):
+    """Base of the engine's own errors; the message is fit to show a user."""
+
+
+class JobFailed(EngineError):
+    """The generation failed (out of GPU memory, a broken model file, ...). `str(exc)` is for users."""
+
+
+class JobCancelled(EngineError):
+    """The job was cancelled before or while it ran."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down and accepts no new jobs."""
+
+
+class QueueFull(EngineError):
+    """More jobs are waiting than the engine accepts."""
+
+
+@dataclass
+class EngineInfo:
+    model_name: str
+    device: str
+    is_test_model: bool
+    queue_length: int = 0
+    running_job: str | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,44 @@
+"""Engine settings: the `[engine]` table of config.toml.
+
+Pure pydantic, no torch: the chat side validates the whole config file at start-up without loading the GPU stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Literal["majicflus", "tiny"] = "majicflus"
+    """`majicflus`: the real MajicFLUX + FLUX.1-dev files under `models_dir`. `tiny`: a few-MB random model the
+    project generates itself (pictures are noise) for tests and for trying the bot without weights."""
+
+    models_dir: Path = Path("models")
+    mode: Literal["offload", "resident"] = "offload"
+    """`offload`: DiT kept in float8 in host RAM and streamed to the GPU under `vram_budget_gb` (8-12 GB cards).
+    `resident`: every weight stays on the GPU (24 GB+ cards)."""
+
+    vram_budget_gb: float = Field(default=8.0, gt=0, le=1024)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    default_steps: int = Field(default=20, ge=1, le=200)
+    min_steps: int = Field(default=1, ge=1, le=200)
+    max_steps: int = Field(default=50, ge=1, le=200)
+    width: int = Field(default=1024, ge=64, le=2048, multiple_of=16)
+    height: int = Field(default=1024, ge=64, le=2048, multiple_of=16)
+    guidance: float = Field(default=3.5, ge=0, le=20)
+    max_queue: int = Field(default=100, ge=1, le=100_000)
+    """Jobs waiting in the engine at most (the chat side refuses politely before this is reached)."""
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> "EngineSettings":
+        if not self.min_steps <= self.default_steps <= self.max_steps:
+            raise ValueError(
+                f"steps must satisfy min_steps <= default_steps <= max_steps "
+                f"(got {self.min_steps} <= {self.default_steps} <= {self.max_steps})"
+            )
+        return self

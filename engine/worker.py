@@ -1,0 +1,278 @@
+"""The async single-GPU engine: one job at a time on the GPU, in a one-thread executor, so the event loop never blocks.
+
+    engine = Engine(lambda: FluxPipeline.load(settings))
+    await engine.start()                        # loads the models once, in the executor
+    job = engine.submit(request, listener)      # returns at once; job.position is live
+    result = await job.wait()                   # GenerationResult, or raises JobFailed / JobCancelled
+    await engine.close()
+
+Listeners get JobEvents on the loop thread (progress is forwarded with call_soon_threadsafe). A queued job can be
+cancelled at once; a running one stops at its next step. An out-of-memory error fails only that job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Protocol
+
+from engine.jobs import (
+    EngineClosed,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobState,
+    QueueFull,
+)
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[JobEvent], None]
+
+
+class StepCallback(Protocol):
+    def __call__(self, step: int, total: int) -> None: ...
+
+
+class Pipeline(Protocol):
+    """What the worker needs from engine.pipeline.FluxPipeline (the tests use the real one)."""
+
+    model_name: str
+    device: str
+    is_test_model: bool
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult: ...
+
+    def recover_from_oom(self) -> None: ...
+
+
+class _StopRequested(Exception):
+    """Raised inside the executor at a step boundary when a running job was cancelled."""
+
+
+class Job:
+    """One request's life in the engine. Create through Engine.submit."""
+
+    def __init__(self, engine: "Engine", job_id: str, request: GenerationRequest, listener: Listener | None):
+        self.id = job_id
+        self.request = request
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self._engine = engine
+        self._listener = listener
+        self._stop = threading.Event()
+        self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
+        # Nobody need await a job (fire-and-forget submit): never warn "exception was never retrieved".
+        self._future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """0 while running or finished; 1 = next in line."""
+        return self._engine._position(self)
+
+    def cancel(self) -> bool:
+        """Cancel this job. True if it was still queued or running."""
+        return self._engine._cancel(self)
+
+    async def wait(self) -> GenerationResult:
+        return await asyncio.shield(self._future)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def _emit(self, event: JobEvent) -> None:
+        if self._listener is None:
+            return
+        try:
+            self._listener(event)
+        except Exception:  # a broken listener must not take the engine down
+            log.exception("job listener failed job=%s event=%s", self.id, event.kind)
+
+    def _finish(self, state: JobState, result: GenerationResult | None = None, error: str | None = None) -> None:
+        if self._future.done():
+            return
+        self.state = state
+        self.error = error
+        if state is JobState.DONE:
+            self._future.set_result(result)
+            self._emit(JobEvent(self.id, "done"))
+        elif state is JobState.CANCELLED:
+            self._future.set_exception(JobCancelled("cancelled"))
+            self._emit(JobEvent(self.id, "cancelled"))
+        else:
+            self._future.set_exception(JobFailed(error or "generation failed"))
+            self._emit(JobEvent(self.id, "failed", error=error))
+
+
+class Engine:
+    def __init__(self, load_pipeline: Callable[[], Pipeline], *, max_queue: int = 100):
+        self._load_pipeline = load_pipeline
+        self._max_queue = max_queue
+        self._pipeline: Pipeline | None = None
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: Job | None = None
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        self._ids = itertools.count(1)
+        # One thread: the GPU runs one job at a time and the models are only touched from this thread.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="drawbot-gpu")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the models (in the executor: this can take minutes on real weights) and start the worker."""
+        loop = asyncio.get_running_loop()
+        self._pipeline = await loop.run_in_executor(self._executor, self._load_pipeline)
+        self._task = asyncio.create_task(self._work(), name="drawbot-engine")
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop accepting jobs, cancel the queued ones, let the running job finish within `timeout` s, else stop it."""
+        self._closed = True
+        while self._queue:
+            self._queue.popleft()._finish(JobState.CANCELLED)
+        running = self._running
+        if running is not None:
+            try:
+                await asyncio.wait_for(running.wait(), timeout)
+            except (asyncio.TimeoutError, JobFailed, JobCancelled):
+                running._stop.set()
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=None if timeout is None else timeout + 30)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def info(self) -> EngineInfo:
+        pipe = self._pipeline
+        return EngineInfo(
+            model_name=pipe.model_name if pipe else "(loading)",
+            device=pipe.device if pipe else "?",
+            is_test_model=bool(pipe and pipe.is_test_model),
+            queue_length=len(self._queue),
+            running_job=self._running.id if self._running else None,
+        )
+
+    # -- jobs --------------------------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, listener: Listener | None = None, *, job_id: str | None = None) -> Job:
+        """Queue a request; returns at once. Raises EngineClosed or QueueFull."""
+        if self._closed:
+            raise EngineClosed("the bot is restarting; please try again in a minute")
+        if len(self._queue) >= self._max_queue:
+            raise QueueFull(f"the queue is full ({self._max_queue} waiting); please try again in a few minutes")
+        job = Job(self, job_id or uuid.uuid4().hex[:12], request, listener)
+        self._queue.append(job)
+        job._emit(JobEvent(job.id, "queued", position=job.position))
+        self._wakeup.set()
+        return job
+
+    @property
+    def queue_length(self) -> int:
+        """Jobs waiting, not counting the running one."""
+        return len(self._queue)
+
+    def _position(self, job: Job) -> int:
+        try:
+            return self._queue.index(job) + 1
+        except ValueError:
+            return 0
+
+    def _cancel(self, job: Job) -> bool:
+        if job in self._queue:
+            self._queue.remove(job)
+            job._finish(JobState.CANCELLED)
+            self._announce_positions()
+            return True
+        if job is self._running and not job.done():
+            job._stop.set()  # the executor stops at the next step boundary
+            return True
+        return False
+
+    def _announce_positions(self) -> None:
+        for index, waiting in enumerate(self._queue, start=1):
+            waiting._emit(JobEvent(waiting.id, "queued", position=index))
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            job = self._queue.popleft()
+            self._announce_positions()
+            self._running = job
+            job.state = JobState.RUNNING
+            job.started_at = time.monotonic()
+            job._emit(JobEvent(job.id, "started"))
+            try:
+                result = await loop.run_in_executor(self._executor, self._run_blocking, job, loop)
+            except _StopRequested:
+                job._finish(JobState.CANCELLED)
+            except JobFailed as exc:
+                job._finish(JobState.FAILED, error=str(exc))
+            except Exception as exc:  # any other bug fails this job, never the engine
+                log.exception("job %s failed", job.id)
+                job._finish(JobState.FAILED, error=f"generation failed: {type(exc).__name__}")
+            else:
+                job._finish(JobState.DONE, result)
+            finally:
+                self._running = None
+
+    def _run_blocking(self, job: Job, loop: asyncio.AbstractEventLoop) -> GenerationResult:
+        """Runs in the GPU thread."""
+        assert self._pipeline is not None
+        pipeline = self._pipeline
+        if job._stop.is_set():
+            raise _StopRequested()
+        started = time.monotonic()
+
+        def on_step(step: int, total: int) -> None:
+            # Called by the pipeline before step `step` (0-based) and once more with step == total at the end.
+            if job._stop.is_set():
+                raise _StopRequested()
+            elapsed = time.monotonic() - started
+            eta = elapsed / step * (total - step) if step else None
+            event = JobEvent(job.id, "progress", step=step, total=total, elapsed=elapsed, eta=eta)
+            loop.call_soon_threadsafe(job._emit, event)
+
+        try:
+            return pipeline.generate(job.request, on_step)
+        except _StopRequested:
+            raise
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                log.warning("job %s: out of GPU memory (%s); freeing memory and going on", job.id, exc)
+                pipeline.recover_from_oom()
+                raise JobFailed(
+                    "the GPU ran out of memory while drawing this one; try a smaller size or again in a moment"
+                ) from exc
+            raise
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the engine
+        pass
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
