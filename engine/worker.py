@@ -243,11 +243,13 @@ class Engine:
         started = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
-            # Called by the pipeline before step `step` (0-based) and once more with step == total at the end.
+            # Called by the pipeline with step=0 before the first step, then after each step (1..total).
             if job._stop.is_set():
                 raise _StopRequested()
+            if step == 0:
+                return  # the call before the first step is only a chance to stop
             elapsed = time.monotonic() - started
-            eta = elapsed / step * (total - step) if step else None
+            eta = elapsed / step * (total - step)
             event = JobEvent(job.id, "progress", step=step, total=total, elapsed=elapsed, eta=eta)
             loop.call_soon_threadsafe(job._emit, event)
 

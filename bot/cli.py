@@ -1,0 +1,88 @@
+"""`drawbot` command line: run the bot, draw one picture, download weights, check the installation.
+
+The composition root: the only place that builds the engine, the store and the adapters and wires them together.
+Heavy imports (torch, diffsynth) happen inside the subcommands that need them, so `drawbot --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from bot.config import Config, ConfigError, load_config
+
+log = logging.getLogger("drawbot")
+
+
+def _default_config_path() -> Path | None:
+    env = os.environ.get("DRAWBOT_CONFIG")
+    if env:
+        return Path(env)
+    return Path("config.toml") if Path("config.toml").is_file() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drawbot", description="Self-hosted Flux drawing bot for Discord and Telegram.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file (default: $DRAWBOT_CONFIG, else ./config.toml if present, else built-in defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the bot (Telegram / Discord if tokens are set, else the local console)")
+    run.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
+
+    draw = sub.add_parser("draw", help="draw one picture through the engine and save it")
+    draw.add_argument("prompt")
+    draw.add_argument("--seed", type=int, default=None, help="0..4294967295 (default: random, printed)")
+    draw.add_argument("--steps", type=int, default=None)
+    draw.add_argument("--width", type=int, default=None)
+    draw.add_argument("--height", type=int, default=None)
+    draw.add_argument("-o", "--output", type=Path, default=Path("drawbot.png"))
+    draw.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
+
+    sub.add_parser("download", help="download MajicFLUX + FLUX.1-dev encoders/VAE from ModelScope and verify them")
+    sub.add_parser("doctor", help="check everything the bot needs and say how to fix what is missing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config if args.config is not None else _default_config_path())
+    except ConfigError as exc:
+        print(f"drawbot: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.logging.level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "draw":
+            from bot.draw_command import draw
+
+            return draw(config, args)
+        if args.command == "download":
+            from engine.weights import WeightsError, download
+
+            try:
+                files = download(config.engine.models_dir)
+            except WeightsError as exc:
+                print(f"drawbot: {exc}", file=sys.stderr)
+                return 1
+            print(f"all model files are present and verified under {files.root}")
+            return 0
+        if args.command == "doctor":
+            from bot.doctor import doctor
+
+            return doctor(config)
+        if args.command == "run":
+            from bot.runner import run
+
+            return asyncio.run(run(config, model_override=args.model, config_path=args.config or _default_config_path()))
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""The chat core: every rule lives here once, for every platform.
+
+    message -> parse -> policy (allowlist, blocked words) -> limits + durable write (store.admit) -> ack with queue
+    position -> engine -> throttled progress edits -> picture with seed + buttons -> marked delivered
+
+Adapters translate platform events into calls on `ChatCore` and give it a `Conversation` to answer in. The core
+imports no chat library and no torch: the engine arrives as an object with `submit()` (engine.worker.Engine, or a
+fake in adapter tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
+
+from bot import replies
+from bot.chat import Button, Conversation, Picture, Platform, User, parse_button
+from bot.commands import DrawCommand, DrawRules, UsageError, parse_draw, split_command, validate_draw
+from bot.config import Config
+from bot.store import Admission, JobRecord, NewJob, Store
+from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+class EngineLike(Protocol):
+    def submit(self, request: GenerationRequest, listener=None, *, job_id: str | None = None): ...
+
+    @property
+    def queue_length(self) -> int: ...
+
+
+@dataclass
+class _Live:
+    """A job this process is following: its engine handle and where to talk about it."""
+
+    record_id: str
+    engine_job: object
+    conv: Conversation
+    user_id: str
+    ack_id: str | None
+    shown: str | None = None  # text the ack message shows now (no edit when unchanged)
+    user_cancelled: bool = False
+    task: asyncio.Task | None = None
+
+
+class ChatCore:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        engine: EngineLike,
+        *,
+        is_test_model: bool = False,
+        count_tokens: Callable[[str], int] | None = None,
+        random_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_SEED + 1),
+        clock: Callable[[], float] = time.time,
+        delivery_attempts: int = 5,
+        delivery_backoff: float = 2.0,
+    ):
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.is_test_model = is_test_model
+        self._count_tokens = count_tokens
+        self._random_seed = random_seed
+        self._clock = clock
+        self._delivery_attempts = delivery_attempts
+        self._delivery_backoff = delivery_backoff
+        self._platforms: dict[str, Platform] = {}
+        self._live: dict[str, _Live] = {}
+        self._accepting = True
+        self._stopping = False
+        self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
+
+    # -- wiring ---------------------------------------------------------------------------------------------------
+    def add_platform(self, platform: Platform) -> None:
+        self._platforms[platform.name] = platform
+
+    def reload(self, config: Config) -> None:
+        """Apply the parts of a new config that can change live: limits, policy (allowlists, blocked words)."""
+        self.config = self.config.model_copy(update={"limits": config.limits, "policy": config.policy})
+        self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
+        log.info("config reloaded: limits and policy")
+
+    @property
+    def rules(self) -> DrawRules:
+        e, lim = self.config.engine, self.config.limits
+        return DrawRules(min_steps=e.min_steps, max_steps=e.max_steps, default_steps=e.default_steps,
+                         width=e.width, height=e.height, max_prompt_chars=lim.max_prompt_chars,
+                         max_prompt_tokens=lim.max_prompt_tokens, count_tokens=self._count_tokens)
+
+    # -- text commands (console, Telegram) -----------------------------------------------------------------------
+    async def on_text(self, user: User, conv: Conversation, text: str, *, bot_username: str | None = None) -> None:
+        """Any message. Commands are answered; other text is ignored in groups and gets a hint in private chats."""
+        split = split_command(text)
+        if split is None:
+            if user.chat_kind == "private" and text.strip():
+                await conv.send_text(conv.markup.escape("Send /draw followed by what to draw, e.g. ")
+                                     + conv.markup.code(replies.EXAMPLES[0]) + conv.markup.escape(" - /help for more."))
+            return
+        command, rest, addressed_to = split
+        if addressed_to and bot_username and addressed_to.lower() != bot_username.lower():
+            return  # `/draw@OtherBot` in a group: not for us
+        handler = {
+            "draw": lambda: self._draw_text(user, conv, rest),
+            "start": lambda: self.help(user, conv),
+            "help": lambda: self.help(user, conv),
+            "history": lambda: self.history(user, conv),
+            "usage": lambda: self.usage(user, conv),
+            "cancel": lambda: self.cancel(user, conv),
+            "again": lambda: self._button_text(user, conv, "again", rest),
+            "reroll": lambda: self._button_text(user, conv, "reroll", rest),
+        }.get(command)
+        if handler is None:
+            if user.chat_kind == "private":
+                await conv.send_text(conv.markup.escape(f"I don't know /{command}. Try /help."))
+            return
+        await handler()
+
+    async def _draw_text(self, user: User, conv: Conversation, rest: str) -> None:
+        try:
+            command = parse_draw(rest, self.rules)
+        except UsageError as exc:
+            await conv.send_text(conv.markup.escape(str(exc)))
+            return
+        await self.submit(user, conv, command)
+
+    async def _button_text(self, user: User, conv: Conversation, action: str, rest: str) -> None:
+        answer = await self.on_button(user, conv, f"{action}:{rest.strip()}")
+        if answer:
+            await conv.send_text(conv.markup.escape(answer))
+
+    # -- typed commands (Discord) ----------------------------------------------------------------------------------
+    async def draw(self, user: User, conv: Conversation, prompt: str, seed: int | None = None,
+                   steps: int | None = None, size: str | None = None, as_file: bool = False) -> None:
+        try:
+            command = validate_draw(prompt, seed, steps, self.rules, size=size, as_file=as_file)
+        except UsageError as exc:
+            await conv.send_text(conv.markup.escape(str(exc)))
+            return
+        await self.submit(user, conv, command)
+
+    # -- the draw path -----------------------------------------------------------------------------------------------
+    def _refusal_by_policy(self, user: User, prompt: str) -> str | None:
+        policy = self.config.policy
+        if policy.allowed_users and user.key not in policy.allowed_users and not self._is_admin(user):
+            return "Sorry, this bot only draws for the people its owner allowed."
+        chat_key = f"{user.platform}:{user.chat_id}"
+        if policy.allowed_chats and chat_key not in policy.allowed_chats and not self._is_admin(user):
+            return "Sorry, this bot does not draw in this chat."
+        for pattern in self._blocked:
+            match = pattern.search(prompt)
+            if match:
+                return f"Sorry, that prompt contains something this bot does not draw (“{replies.short(match.group(0), 40)}”)."
+        return None
+
+    def _is_admin(self, user: User) -> bool:
+        return user.key in self.config.limits.admins
+
+    async def submit(self, user: User, conv: Conversation, command: DrawCommand) -> str | None:
+        """Admit, persist, acknowledge and queue one picture. Returns the job id, or None when refused."""
+        m = conv.markup
+        if not self._accepting:
+            await conv.send_text(m.escape("The bot is restarting; please try again in a minute."))
+            return None
+        refusal = self._refusal_by_policy(user, command.prompt)
+        if refusal:
+            await conv.send_text(m.escape(refusal))
+            return None
+        seed = self._random_seed() if command.seed is None else command.seed
+        admission: Admission = await self.store.admit(
+            NewJob(platform=user.platform, user_id=user.id, chat_id=user.chat_id, prompt=command.prompt, seed=seed,
+                   steps=command.steps, width=command.width, height=command.height,
+                   reply_ref={"conv": conv.ref(), "as_file": command.as_file, "user_name": user.name}),
+            self.config.limits,
+            is_admin=self._is_admin(user),
+            is_banned=user.key in self.config.limits.banned,
+        )
+        if not admission.accepted:
+            log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)
+            if admission.notify:
+                await conv.send_text(m.escape(admission.message))
+            return None
+        job_id = admission.job_id
+        log.info("accepted job=%s platform=%s user=%s steps=%d size=%dx%d", job_id, user.platform, user.id,
+                 command.steps, command.width, command.height)
+        live = await self._start(job_id, GenerationRequest(command.prompt, seed, command.steps, command.width,
+                                                           command.height), conv, user.id)
+        if live is None:
+            return None
+        live.shown = replies.queued(m, live.engine_job.position, None)
+        live.ack_id = await self._safe_send(conv, live.shown)
+        await self.store.set_reply_ref(job_id, {"conv": conv.ref(), "ack_id": live.ack_id,
+                                                "as_file": command.as_file, "user_name": user.name})
+        return job_id
+
+    async def _start(self, job_id: str, request: GenerationRequest, conv: Conversation, user_id: str) -> _Live | None:
+        """Hand a stored job to the engine and follow it. The engine's events queue up until the follower runs."""
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        try:
+            engine_job = self.engine.submit(request, events.put_nowait, job_id=job_id)
+        except EngineError as exc:
+            await self.store.mark_failed(job_id, str(exc))
+            await self._safe_send(conv, replies.failed(conv.markup, str(exc)))
+            return None
+        live = _Live(job_id, engine_job, conv, user_id, ack_id=None)
+        self._live[job_id] = live
+        live.task = asyncio.create_task(self._follow(live, request, events), name=f"follow-{job_id}")
+        return live
+
+    async def _follow(self, live: _Live, request: GenerationRequest, events: asyncio.Queue[JobEvent]) -> None:
+        """Turn engine events into store updates and (throttled) chat edits, then deliver."""
+        conv, m = live.conv, live.conv.markup
+        last_edit = 0.0
+
+        async def edit(text: str, *, force: bool = False) -> None:
+            nonlocal last_edit
+            now = time.monotonic()
+            if live.ack_id is None or text == live.shown or (not force and now - last_edit < conv.progress_interval):
+                return
+            last_edit, live.shown = now, text
+            try:
+                await conv.edit_text(live.ack_id, text)
+            except Exception as exc:  # progress is best effort; delivery is what must not fail
+                log.warning("progress edit failed job=%s: %s", live.record_id, type(exc).__name__)
+
+        try:
+            while True:
+                event = await events.get()
+                if event.kind == "queued":
+                    await edit(replies.queued(m, event.position, None))
+                elif event.kind == "started":
+                    await self.store.mark_running(live.record_id)
+                    await edit(replies.queued(m, 0, None), force=True)
+                    await self._quietly(conv.working())
+                elif event.kind == "progress" and event.step:
+                    await edit(replies.progress(m, event.step, event.total, event.eta))
+                    if event.step % 5 == 0:
+                        await self._quietly(conv.working())  # Telegram shows a chat action for ~5 s
+                elif event.kind in ("done", "failed", "cancelled"):
+                    break
+            try:
+                result: GenerationResult = await live.engine_job.wait()
+            except JobCancelled:
+                if self._stopping and not live.user_cancelled:
+                    return  # shut down under it: the row stays queued/running and is picked up at the next start
+                await self.store.mark_cancelled(live.record_id)
+                await edit(replies.cancelled(m), force=True)
+                return
+            except JobFailed as exc:
+                await self.store.mark_failed(live.record_id, str(exc))
+                await edit(replies.failed(m, str(exc)), force=True)
+                if live.ack_id is None:
+                    await self._safe_send(conv, replies.failed(m, str(exc)))
+                return
+            path = await self.store.mark_done(live.record_id, result.png, duration=result.seconds,
+                                              seconds_per_step=result.seconds_per_step)
+            log.info("done job=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id, result.seconds,
+                     result.seconds_per_step, result.peak_vram_bytes)
+            record = await self.store.get_job(live.record_id)
+            await self.deliver(record, conv, png=result.png, seconds=result.seconds, notice=result.notice,
+                               path=str(path))
+            await edit(m.escape("Done."), force=True)
+        except Exception:
+            log.exception("following job %s failed", live.record_id)
+        finally:
+            self._live.pop(live.record_id, None)
+
+    async def deliver(self, record: JobRecord, conv: Conversation, *, png: bytes, seconds: float,
+                      notice: str | None, path: str | None) -> bool:
+        """Send the finished picture, retrying with backoff; recorded as delivered exactly once."""
+        m = conv.markup
+        picture = Picture(
+            png=png,
+            caption=replies.caption(m, prompt=record.prompt, seed=record.seed, steps=record.steps,
+                                    width=record.width, height=record.height, seconds=seconds, notice=notice),
+            job_id=record.id,
+            buttons=[Button("🎲 New seed", "reroll", record.id), Button("🔁 Same seed", "again", record.id)],
+            as_file=bool(record.reply_ref.get("as_file")),
+            spoiler=self.config.policy.nsfw_spoiler,
+            path=path,
+            mention_user=record.user_id,
+        )
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self._delivery_attempts),
+                wait=wait_exponential(multiplier=self._delivery_backoff, max=60),
+                reraise=False,
+            ):
+                with attempt:
+                    try:
+                        await conv.send_picture(picture)
+                    except Exception as exc:
+                        attempts = await self.store.record_delivery_failure(record.id, f"{type(exc).__name__}: {exc}")
+                        log.warning("delivery failed job=%s attempt=%d: %s", record.id, attempts, type(exc).__name__)
+                        raise
+        except RetryError:
+            log.error("giving up delivering job=%s for now; it is retried at the next start", record.id)
+            return False
+        first = await self.store.mark_delivered(record.id)
+        log.info("delivered job=%s first=%s", record.id, first)
+        return True
+
+    # -- buttons -----------------------------------------------------------------------------------------------------
+    async def on_button(self, user: User, conv: Conversation, data: str) -> str | None:
+        """A button press (or /again, /reroll). Returns a short answer for the presser (toast / ephemeral)."""
+        parsed = parse_button(data)
+        if parsed is None:
+            return "That button is no longer valid."
+        action, job_id = parsed
+        record = await self.store.get_job(job_id)
+        if record is None:
+            return "I can't find that picture any more."
+        if record.platform != user.platform or record.user_id != user.id:
+            return "Only the person who asked for this picture can use its buttons - send your own /draw!"
+        if action in ("reroll", "again"):
+            seed = None if action == "reroll" else record.seed
+            command = DrawCommand(prompt=record.prompt, seed=seed, steps=record.steps, width=record.width,
+                                  height=record.height, as_file=bool(record.reply_ref.get("as_file")))
+            job = await self.submit(user, conv, command)
+            return "Queued!" if job else None
+        return None
+
+    # -- other commands ----------------------------------------------------------------------------------------------
+    async def help(self, user: User, conv: Conversation) -> None:
+        e = self.config.engine
+        await conv.send_text(replies.help_text(conv.markup, min_steps=e.min_steps, max_steps=e.max_steps,
+                                               default_steps=e.default_steps, is_test_model=self.is_test_model))
+
+    async def history(self, user: User, conv: Conversation, limit: int = 10) -> None:
+        m = conv.markup
+        records = await self.store.history(user.platform, user.id, limit)
+        if not records:
+            await conv.send_text(m.escape("You have no pictures yet. Try ") + m.code(replies.EXAMPLES[0]))
+            return
+        now = self._clock()
+        icons = {"done": "✅", "failed": "⚠️", "cancelled": "✖️", "queued": "⏳", "running": "🎨"}
+        lines = [m.bold("Your last pictures:")]
+        for n, r in enumerate(records, start=1):
+            lines.append(
+                m.escape(f"{n}. {icons.get(r.status, '')} “{replies.short(r.prompt, 60)}” · seed ") + m.code(str(r.seed))
+                + m.escape(f" · {r.steps} steps · {r.width}×{r.height} · {replies.relative_time(r.created_at, now)}")
+                + m.escape(f" · again: /again {r.id}")
+            )
+        buttons = [Button(f"🔁 {n}", "again", r.id) for n, r in enumerate(records[:5], start=1)]
+        await conv.send_text("\n".join(lines), buttons=buttons)
+
+    async def usage(self, user: User, conv: Conversation) -> None:
+        m = conv.markup
+        if self._is_admin(user):
+            await conv.send_text(m.escape("You are an admin: no limits apply to you."))
+            return
+        u = await self.store.usage(user.platform, user.id, self.config.limits)
+        now = self._clock()
+
+        def window(used: int, limit: int, retry_at: float | None, frees_at: float | None, name: str) -> str:
+            if not limit:
+                return f"{name}: {used} (no limit)"
+            text = f"{name}: {used} of {limit}"
+            if retry_at:
+                text += f" - next picture in {replies.duration(retry_at - now)}"
+            elif frees_at and used:
+                text += f" (a slot frees in {replies.duration(frees_at - now)})"
+            return text
+
+        lines = [
+            window(u.used_this_hour, u.per_hour, u.hour_retry_at, u.hour_frees_at, "This hour"),
+            window(u.used_today, u.per_day, u.day_retry_at, u.day_frees_at, "Last 24 hours"),
+            f"Waiting or drawing now: {u.active} of {u.max_active}",
+        ]
+        if u.cooldown_ends_at and u.cooldown_ends_at > now:
+            lines.append(f"Cooldown: {replies.duration(u.cooldown_ends_at - now)} left")
+        await conv.send_text(m.escape("\n".join(lines)))
+
+    async def cancel(self, user: User, conv: Conversation) -> None:
+        """Cancel the user's own queued and running jobs (never anyone else's)."""
+        m = conv.markup
+        mine = [live for live in list(self._live.values()) if live.user_id == user.id and
+                live.conv.platform == user.platform]
+        for live in mine:
+            live.user_cancelled = True
+        cancelled = sum(1 for live in mine if live.engine_job.cancel())
+        # Jobs in the table that this process is not following (should not happen, but never leave them stuck).
+        leftovers = [r for r in await self.store.cancel_user_jobs(user.platform, user.id) if r.id not in
+                     {live.record_id for live in mine}]
+        total = cancelled + len(leftovers)
+        await conv.send_text(m.escape(f"Cancelled {total} picture{'s' if total != 1 else ''}." if total else
+                                      "You have nothing waiting or drawing."))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    async def recover(self) -> int:
+        """After a (re)start: queue again what was accepted but not finished, deliver what was finished but not
+        delivered, in the original order. Returns how many jobs were picked up."""
+        picked = 0
+        for record in await self.store.unfinished_jobs():
+            platform = self._platforms.get(record.platform)
+            if platform is None:
+                log.warning("job %s belongs to %s, which is not running now; left for later", record.id, record.platform)
+                continue
+            ref = record.reply_ref or {}
+            try:
+                conv = platform.conversation(ref.get("conv", {}))
+            except Exception:
+                log.exception("cannot rebuild the conversation of job %s", record.id)
+                continue
+            picked += 1
+            if record.status == "done":
+                png = record.image_path.read_bytes() if record.image_path and record.image_path.is_file() else None
+                if png is None:
+                    await self.store.mark_failed(record.id, "the picture file was lost")
+                    continue
+                await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
+                                   notice=replies.TEST_MODEL_NOTICE if self.is_test_model else None,
+                                   path=str(record.image_path))
+                continue
+            if record.status == "running":
+                record = await self.store.requeue_after_restart(record.id)
+                if record.status == "failed":
+                    await self._safe_send(conv, replies.failed(conv.markup, record.error or "the bot restarted"))
+                    continue
+            live = await self._start(record.id, GenerationRequest(record.prompt, record.seed, record.steps,
+                                                                  record.width, record.height), conv, record.user_id)
+            if live is not None:
+                live.ack_id = await self._safe_send(conv, replies.restarted_still_coming(conv.markup, record.prompt))
+        return picked
+
+    async def drain(self) -> None:
+        """Wait until every job this process follows is finished and delivered (console end of input)."""
+        while self._live:
+            await asyncio.gather(*(live.task for live in list(self._live.values()) if live.task),
+                                 return_exceptions=True)
+
+    async def stop_accepting(self) -> None:
+        """Graceful stop: refuse new work and tell users with waiting jobs that theirs is kept."""
+        self._accepting = False
+        self._stopping = True
+        for live in list(self._live.values()):
+            if getattr(live.engine_job, "state", None) is not None and live.engine_job.state.value == "queued":
+                await self._safe_send(live.conv, replies.restarting(live.conv.markup))
+
+    async def _safe_send(self, conv: Conversation, text: str) -> str | None:
+        try:
+            return await conv.send_text(text)
+        except Exception as exc:
+            log.warning("could not send a message on %s: %s", conv.platform, type(exc).__name__)
+            return None
+
+    @staticmethod
+    async def _quietly(awaitable) -> None:
+        try:
+            await awaitable
+        except Exception:
+            pass

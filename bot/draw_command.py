@@ -1,0 +1,88 @@
+"""`drawbot draw`: one picture through the same async engine the bot uses, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+
+from tqdm import tqdm
+
+from bot.config import Config
+from engine.jobs import GenerationRequest, JobEvent, JobFailed
+
+MAX_SEED = 2**32 - 1
+
+
+def draw(config: Config, args: argparse.Namespace) -> int:
+    settings = config.engine
+    if args.model:
+        settings = settings.model_copy(update={"model": args.model})
+    steps = settings.default_steps if args.steps is None else args.steps
+    if not settings.min_steps <= steps <= settings.max_steps:
+        print(f"drawbot: --steps must be {settings.min_steps}..{settings.max_steps} (got {steps})", file=sys.stderr)
+        return 2
+    seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None or args.seed == -1 else args.seed
+    if not 0 <= seed <= MAX_SEED:
+        print(f"drawbot: --seed must be 0..{MAX_SEED} or -1 for random (got {seed})", file=sys.stderr)
+        return 2
+    width = args.width or settings.width
+    height = args.height or settings.height
+    for name, value in (("--width", width), ("--height", height)):
+        if not (64 <= value <= 2048 and value % 16 == 0):
+            print(f"drawbot: {name} must be a multiple of 16 between 64 and 2048 (got {value})", file=sys.stderr)
+            return 2
+    settings = fall_back_to_tiny_if_needed(settings, explicit=bool(args.model))
+    request = GenerationRequest(prompt=args.prompt, seed=seed, steps=steps, width=width, height=height)
+    return asyncio.run(_draw(settings, request, args.output))
+
+
+def fall_back_to_tiny_if_needed(settings, *, explicit: bool):
+    """No MajicFLUX files and no explicit choice: say so plainly and use the built-in tiny model."""
+    if settings.model != "majicflus" or explicit:
+        return settings
+    from engine import weights
+
+    if weights.real_model_files(settings.models_dir).dit.is_file():
+        return settings
+    print(
+        f"drawbot: no MajicFLUX weights under {settings.models_dir}/ - using the built-in tiny test model, "
+        "whose pictures are noise. Run `drawbot download` to fetch the real model (about 33 GB).",
+        file=sys.stderr,
+    )
+    return settings.model_copy(update={"model": "tiny"})
+
+
+async def _draw(settings, request: GenerationRequest, output) -> int:
+    from engine.pipeline import FluxPipeline
+    from engine.weights import WeightsError
+    from engine.worker import Engine
+
+    engine = Engine(lambda: FluxPipeline.load(settings))
+    try:
+        await engine.start()
+    except WeightsError as exc:
+        print(f"drawbot: {exc}", file=sys.stderr)
+        return 1
+    bar = tqdm(total=request.steps, unit="step", desc="drawing", file=sys.stderr)
+
+    def on_event(event: JobEvent) -> None:
+        if event.kind == "progress" and event.step:
+            bar.update(event.step - bar.n)
+
+    try:
+        job = engine.submit(request, on_event)
+        result = await job.wait()
+    except JobFailed as exc:
+        print(f"drawbot: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        await engine.close()
+    output.write_bytes(result.png)
+    print(f"saved {output} (seed {request.seed}, {request.steps} steps, {request.width}x{request.height}, "
+          f"{result.seconds:.1f} s, {result.seconds_per_step:.2f} s/step)")
+    if result.notice:
+        print(f"note: {result.notice}")
+    return 0

@@ -1,0 +1,198 @@
+"""The whole generation path, top to bottom: weight files -> DiffSynth FluxImagePipeline -> one picture as PNG.
+
+Memory layout (the reason drawbot exists): the 12B DiT is stored in float8_e4m3fn (half of bf16) and computed in
+bf16 on the GPU. In `offload` mode its layers live in host RAM and DiffSynth moves them to the GPU under the VRAM
+budget; T5, CLIP and the VAE are kept in bf16 and loaded to the GPU only for their own stage. In `resident` mode
+everything stays on the GPU. The tiny test model goes through exactly the same code with `device="cpu"`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import logging
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from engine import compat, weights
+from engine.jobs import GenerationRequest, GenerationResult
+from engine.png import a1111_parameters, encode_png
+from engine.settings import EngineSettings
+from engine.worker import StepCallback
+
+log = logging.getLogger(__name__)
+
+TINY_NOTICE = "drawn by the built-in tiny test model: its pictures are random noise. Run `drawbot download` for MajicFLUX."
+
+# GiB of the budget left for what DiffSynth's vram_limit does not count ahead: activations, the CUDA context, VAE decode.
+VRAM_HEADROOM_GB = 1.5
+
+
+def _drawbot_version() -> str:
+    try:
+        return "drawbot " + version("drawbot")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "drawbot (source)"
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"engine.device = {setting!r} but this torch sees no CUDA GPU ({torch.__version__})")
+    return setting
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How each model's weights are stored and moved (DiffSynth ModelConfig VRAM fields) and the VRAM limit."""
+
+    dit: dict
+    others: dict
+    vram_limit: float | None
+    tiled_vae: bool
+
+
+def plan_memory(settings: EngineSettings, device: str) -> MemoryPlan:
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    if settings.mode == "resident" or device == "cpu":
+        # Weights stay where they compute: fp8 DiT on the device, upcast per layer at compute time.
+        dit = dict(offload_dtype=fp8, offload_device=device, onload_dtype=fp8, onload_device=device,
+                   preparing_dtype=fp8, preparing_device=device, computation_dtype=bf16, computation_device=device)
+        others = {**dit, "offload_dtype": bf16, "onload_dtype": bf16, "preparing_dtype": bf16}
+        return MemoryPlan(dit, others, vram_limit=None, tiled_vae=False)
+    # offload: fp8 DiT in host RAM; layers become GPU-resident fp8 while the device is under vram_limit, the rest
+    # is copied in for every forward. Encoders and VAE: bf16 in host RAM, onloaded for their own stage only.
+    dit = dict(offload_dtype=fp8, offload_device="cpu", onload_dtype=fp8, onload_device="cpu",
+               preparing_dtype=fp8, preparing_device=device, computation_dtype=bf16, computation_device=device)
+    others = {**dit, "offload_dtype": bf16, "onload_dtype": bf16, "preparing_dtype": bf16}
+    limit = max(0.0, settings.vram_budget_gb - VRAM_HEADROOM_GB)
+    return MemoryPlan(dit, others, vram_limit=limit, tiled_vae=settings.vram_budget_gb < 16)
+
+
+class FluxPipeline:
+    """A loaded Flux pipeline. Models stay loaded between jobs; only the engine's GPU thread calls `generate`."""
+
+    def __init__(self, pipe, settings: EngineSettings, *, model_name: str, device: str, is_test_model: bool,
+                 plan: MemoryPlan):
+        self.pipe = pipe
+        self.settings = settings
+        self.model_name = model_name
+        self.device = device
+        self.is_test_model = is_test_model
+        self.plan = plan
+        self._version = _drawbot_version()
+
+    @classmethod
+    def load(cls, settings: EngineSettings) -> "FluxPipeline":
+        device = resolve_device(settings.device)
+        files, model_name = locate_model(settings)
+        plan = plan_memory(settings, device)
+        started = time.monotonic()
+        chatter = io.StringIO()  # DiffSynth prints a banner per model; keep the console and journal clean
+        with contextlib.redirect_stdout(chatter):
+            pipe = _from_pretrained(files, plan, device)
+        log.debug("diffsynth said:\n%s", chatter.getvalue())
+        log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device,
+                 time.monotonic() - started, settings.mode, plan.vram_limit)
+        return cls(pipe, settings, model_name=model_name, device=device,
+                   is_test_model=settings.model == "tiny", plan=plan)
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult:
+        """Blocking. `on_step(done, total)` is called before the first step (done=0) and after each step; it may
+        raise to stop the run at a step boundary."""
+        total = request.steps
+        step_times: list[float] = []
+
+        def progress(timesteps):
+            # DiffSynth hands its timestep iterable to `progress_bar_cmd`: the hook for per-step progress and cancel.
+            on_step(0, total)
+            last = time.monotonic()
+            for done, timestep in enumerate(timesteps, start=1):
+                yield timestep
+                now = time.monotonic()
+                step_times.append(now - last)
+                last = now
+                on_step(done, total)
+
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.monotonic()
+        image = self.pipe(
+            prompt=request.prompt,
+            seed=request.seed,
+            num_inference_steps=request.steps,
+            height=request.height,
+            width=request.width,
+            embedded_guidance=self.settings.guidance,
+            tiled=self.plan.tiled_vae,
+            progress_bar_cmd=progress,
+        )
+        seconds = time.monotonic() - started
+        parameters = a1111_parameters(request, model_name=self.model_name, guidance=self.settings.guidance,
+                                      version=self._version)
+        return GenerationResult(
+            request=request,
+            png=encode_png(image, parameters),
+            seconds=seconds,
+            seconds_per_step=sum(step_times) / len(step_times) if step_times else 0.0,
+            peak_vram_bytes=torch.cuda.max_memory_reserved(self.device) if cuda else None,
+            model_name=self.model_name,
+            notice=TINY_NOTICE if self.is_test_model else None,
+        )
+
+    def recover_from_oom(self) -> None:
+        """After an out-of-memory error: drop whatever the failed run left on the GPU so the next job starts clean."""
+        try:
+            self.pipe.load_models_to_device([])
+        except Exception:  # the OOM may have left a model half-moved; freeing memory still helps
+            log.exception("could not offload models after OOM")
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str):
+    compat.apply()
+    from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
+    return FluxImagePipeline.from_pretrained(
+        torch_dtype=torch.bfloat16,
+        device=device,  # always explicit: DiffSynth's default is picked at import time
+        model_configs=[
+            ModelConfig(path=str(files.dit), **plan.dit),
+            ModelConfig(path=str(files.clip), **plan.others),
+            ModelConfig(path=[str(p) for p in files.t5], **plan.others),
+            ModelConfig(path=str(files.vae), **plan.others),  # one file -> vae_encoder + vae_decoder
+        ],
+        # Local folders: the defaults would download from a hub.
+        tokenizer_1_config=ModelConfig(path=str(files.tokenizer_1)),
+        tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
+        vram_limit=plan.vram_limit,
+    )
+
+
+def locate_model(settings: EngineSettings) -> tuple[weights.ModelFiles, str]:
+    """The files of the configured model, checked; the tiny model is generated on first use."""
+    if settings.model == "tiny":
+        from engine import tiny
+
+        root = Path(settings.models_dir) / tiny.TINY_ROOT_NAME
+        tiny.write_tiny_model(root)
+        tiny.register_tiny_models()
+        files = weights.layout(root.resolve(), dict(tiny.tiny_hashes_by_part()))
+        problems = weights.check(files, fix=f"delete {root} and start again (it is regenerated)")
+        name = "drawbot-tiny (noise)"
+    else:
+        files = weights.real_model_files(Path(settings.models_dir))
+        problems = weights.check(files, fix="drawbot download")
+        name = "majicflus_v134"
+    if problems:
+        raise weights.WeightsError(problems)
+    return files, name

@@ -1,0 +1,619 @@
+"""Weight streaming: how drawbot moves DiffSynth's weights between host memory and the GPU (engine mode `stream`).
+
+DiffSynth keeps its model classes, converters and pipeline steps; only the way weights move changes. DiffSynth's own
+low-VRAM path casts every streamed layer fp8->bf16 on the CPU and copies it as bf16 from pageable memory, blocking,
+and evicts everything after each request (shared notes, performance.md §4). Here instead:
+
+- A model is cut into *units* that run one after another (the DiT's 19 double + 38 single blocks; T5's embedding
+  and 24 blocks). Each unit's weights are packed into one flat byte range of a single host allocation, kept in their
+  storage dtype (float8_e4m3fn for the DiT), page-locked once (`cudaHostRegister`, exact size).
+- As many units as the VRAM budget allows stay *resident* on the GPU, for good (never evicted between requests). They
+  are chosen spread out through the execution order, so that each streamed unit's copy overlaps the compute of the
+  resident units around it. The plan comes from measured sizes: unit bytes, and the working memory of one
+  calibration generation.
+- Every other unit is *streamed*: a ring of a few GPU slot buffers, filled on a side CUDA stream in execution order;
+  unit k's forward waits (on the GPU, not the host) for its copy, and the slot is refilled with the next streamed
+  unit as soon as unit k's kernels are queued, ordered after them by an event. The ring runs on across denoising
+  steps, so the next step's first units arrive while the current step finishes.
+- Upcasting stays DiffSynth's: its `AutoWrappedLinear` casts the weight to bf16 right before the matmul; since the
+  weight already sits on the GPU, that cast runs on the GPU. Tiny wrapped layers (norm scales) are kept in the compute
+  dtype instead, which skips DiffSynth's per-call deep copy of the module (the values are the same: fp8->bf16 is exact).
+
+`synchronous=True` runs the same code with blocking copies on the compute stream and no prefetch: the reference
+that the streamed path must match bit for bit (a race would show as a difference).
+
+This module also holds the prompt-embedding cache (a repeated prompt skips the text encoders), because it only pays
+off together with streaming: without it every request streams T5 again.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from engine import compat
+
+compat.apply()  # before the first diffsynth import
+
+from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+ALIGNMENT = 256
+"""Bytes. Every parameter view starts on this boundary (vectorised kernels and cuBLAS want aligned pointers)."""
+SMALL_WRAPPER_NUMEL = 1 << 16
+"""A wrapped non-Linear layer with fewer parameters than this (a norm scale) is kept in the compute dtype."""
+DEFAULT_SLOTS = 2
+DEFAULT_MARGIN_GB = 0.5
+"""Kept free under the budget for allocator fragmentation and kernels loaded after calibration."""
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host memory
+
+
+def _unregister(pointer: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(pointer)
+    except Exception:  # interpreter shutdown: CUDA may be gone already
+        pass
+
+
+class HostMemory:
+    """One flat uint8 host allocation, page-locked when `pin` (cudaHostRegister of exactly `nbytes`; torch's
+    `pin_memory()` would round every block up to a power of two, up to 1.5x the host RAM for these sizes)."""
+
+    def __init__(self, nbytes: int, *, pin: bool):
+        self.nbytes = nbytes
+        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.pinned = False
+        if pin and nbytes:
+            error = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0))
+            if error == 0:
+                self.pinned = True
+                weakref.finalize(self, _unregister, self.tensor.data_ptr())
+            else:  # e.g. a locked-memory limit (WSL): still correct, only slower copies
+                log.warning("could not page-lock %.1f GiB of host memory (cudaError %d); copies will be slower",
+                            nbytes / GIB, error)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout of one model's weights
+
+
+@dataclass
+class _Entry:
+    """One parameter's place in its unit's flat byte range."""
+
+    param: torch.nn.Parameter
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+@dataclass
+class _Unit:
+    index: int
+    module: torch.nn.Module
+    entries: list[_Entry]
+    nbytes: int
+    host: torch.Tensor | None = None  # uint8 view into the model's HostMemory
+    host_views: list[torch.Tensor] = field(default_factory=list)
+    device: torch.Tensor | None = None  # uint8 buffer on the GPU while resident
+    device_views: list[torch.Tensor] = field(default_factory=list)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries]
+
+    def point(self, views: list[torch.Tensor]) -> None:
+        for entry, view in zip(self.entries, views):
+            entry.param.data = view
+
+
+def _wrapper_of(model: torch.nn.Module) -> dict[int, AutoTorchModule]:
+    """id(parameter) -> the DiffSynth VRAM wrapper that owns it (its forward casts what it needs)."""
+    owners: dict[int, AutoTorchModule] = {}
+    for module in model.modules():
+        if isinstance(module, AutoTorchModule):
+            for param in module.parameters():
+                owners.setdefault(id(param), module)
+    return owners
+
+
+def _device_dtype(wrapper: AutoTorchModule | None, param: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter has on the GPU. Linear weights keep their storage dtype (DiffSynth casts them per call);
+    a tiny wrapped layer, or a parameter no wrapper casts, is stored in the compute dtype."""
+    if wrapper is None:
+        return compute_dtype
+    if isinstance(wrapper, AutoWrappedLinear):
+        return param.dtype
+    if sum(p.numel() for p in wrapper.parameters()) < SMALL_WRAPPER_NUMEL:
+        return compute_dtype
+    return param.dtype
+
+
+class SlotPool:
+    """A few GPU buffers that streamed units take turns in, shared by every streamed model (their phases never
+    overlap), plus the side stream and the events that order copies against compute."""
+
+    def __init__(self, device: torch.device | str, slot_bytes: int, count: int):
+        self.device = torch.device(device)
+        self.slot_bytes = slot_bytes
+        self.cuda = self.device.type == "cuda"
+        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, device=self.device) for _ in range(count)]
+        self.tags: list[tuple | None] = [None] * count
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.ready = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
+        self.free = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
+
+    @property
+    def count(self) -> int:
+        return len(self.buffers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool) -> None:
+        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished."""
+        target = self.buffers[slot][:source.numel()]
+        if self.cuda and not synchronous:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])
+                target.copy_(source, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        else:
+            if self.cuda:  # an earlier async copy may still be writing: order after it, then copy blocking
+                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            target.copy_(source)
+            if self.cuda:
+                self.ready[slot].record(torch.cuda.current_stream(self.device))
+        self.tags[slot] = tag
+
+    def acquire(self, slot: int) -> None:
+        """The compute stream waits (on the GPU) until the slot's copy has landed."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+
+    def release(self, slot: int) -> None:
+        """Mark the point after the work queued so far on the compute stream: the slot may be overwritten after it."""
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+
+
+class ModelStreamer:
+    """Owns where one DiffSynth model's weights live. Units are streamed or resident; everything else in the model
+    (embedders, final layers: small) is resident. DiffSynth's own VRAM management is switched off for this model."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str, model: torch.nn.Module, units: Sequence[torch.nn.Module], device: str | torch.device,
+                 *, compute_dtype: torch.dtype = torch.bfloat16, pin: bool | None = None):
+        self.name = name
+        self.model = model
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self._id = next(self._ids)
+        self._serial = itertools.count()
+        self.pool: SlotPool | None = None
+        self.synchronous = False
+        self._hooks: list = []
+        self._order: list[int] = []
+        self._position: dict[int, int] = {}
+        self._cursor = 0
+        self._loaded: dict[int, tuple[int, tuple]] = {}
+        self._active: tuple[int, int] | None = None
+        self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        pin = self.device.type == "cuda" if pin is None else pin
+
+        owners = _wrapper_of(model)
+        seen: set[int] = set()
+        self.units: list[_Unit] = []
+        for index, module in enumerate(units):
+            entries, offset = [], 0
+            for param in module.parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                dtype = _device_dtype(owners.get(id(param)), param, compute_dtype)
+                nbytes = param.numel() * dtype.itemsize
+                entries.append(_Entry(param, offset, nbytes, dtype, param.shape))
+                offset = _align(offset + nbytes)
+            self.units.append(_Unit(index, module, entries, offset))
+
+        # Pack all units into one host allocation, unit by unit, dropping each original tensor once copied, so the
+        # host holds little more than one copy at any time.
+        self.host_memory = HostMemory(sum(u.nbytes for u in self.units), pin=pin)
+        start = 0
+        for unit in self.units:
+            unit.host = self.host_memory.tensor[start:start + unit.nbytes]
+            unit.host_views = unit.views(unit.host)
+            for entry, view in zip(unit.entries, unit.host_views):
+                view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
+            unit.point(unit.host_views)
+            start += unit.nbytes
+
+        # Everything outside the units stays on the GPU for good.
+        self.global_bytes = 0
+        for param in model.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            dtype = _device_dtype(owners.get(id(param)), param, compute_dtype)
+            param.data = param.data.to(device=self.device, dtype=dtype)
+            self.global_bytes += param.numel() * dtype.itemsize
+        for name_, buffer in model.named_buffers():
+            if buffer.device != self.device:
+                module_name, _, attr = name_.rpartition(".")
+                owner = model.get_submodule(module_name) if module_name else model
+                owner._buffers[attr] = buffer.to(self.device)
+
+        # DiffSynth's wrappers: "prepared" for good, with the dtype their weights have on the GPU, and the model out of
+        # the pipeline's load_models_to_device() (which would move these weights back to the CPU after each stage).
+        for module in model.modules():
+            if isinstance(module, AutoTorchModule):
+                params = list(module.parameters())
+                module.state = 2
+                module.preparing_device = module.computation_device
+                module.preparing_dtype = params[0].dtype if params else module.computation_dtype
+        model.vram_management_enabled = False
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+    @property
+    def unit_bytes(self) -> list[int]:
+        return [u.nbytes for u in self.units]
+
+    @property
+    def resident(self) -> frozenset[int]:
+        return frozenset(u.index for u in self.units if u.device is not None)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(u.nbytes for u in self.units if u.device is not None)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the GPU per forward pass."""
+        return sum(u.nbytes for u in self.units if u.device is None)
+
+    @property
+    def max_streamed_unit_bytes(self) -> int:
+        return max((u.nbytes for u in self.units if u.device is None), default=0)
+
+    def attach(self, pool: SlotPool) -> None:
+        """Start streaming through `pool` (hooks on every unit)."""
+        if self.pool is not None:
+            raise RuntimeError(f"{self.name}: already attached")
+        if self.units and pool.slot_bytes < max(self.unit_bytes):
+            raise ValueError(f"{self.name}: slot of {pool.slot_bytes} B is smaller than its largest unit")
+        self.pool = pool
+        for unit in self.units:
+            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit.index)))
+            self._hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit.index)))
+        self._replan()
+
+    def set_resident(self, indices: Sequence[int] | frozenset[int]) -> None:
+        """Keep exactly these units on the GPU (copied once, blocking); the others are streamed."""
+        wanted = set(indices)
+        if not wanted <= set(range(len(self.units))):
+            raise ValueError(f"{self.name}: no such units {sorted(wanted - set(range(len(self.units))))}")
+        self.reset()
+        for unit in self.units:
+            if unit.index in wanted and unit.device is None:
+                unit.device = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                unit.device.copy_(unit.host)
+                unit.device_views = unit.views(unit.device)
+                unit.point(unit.device_views)
+            elif unit.index not in wanted and unit.device is not None:
+                unit.point(unit.host_views)
+                unit.device, unit.device_views = None, []
+        self._replan()
+
+    def reset(self) -> None:
+        """Forget what is in the slots and point streamed weights back to host memory (after an error mid-forward)."""
+        if self._active is not None:
+            index, slot = self._active
+            self.units[index].point(self.units[index].host_views)
+            if self.pool is not None:
+                self.pool.release(slot)
+            self._active = None
+        self._loaded.clear()
+
+    def _replan(self) -> None:
+        self._order = [u.index for u in self.units if u.device is None]
+        self._position = {index: position for position, index in enumerate(self._order)}
+        self._cursor = 0
+        self._loaded.clear()
+        if self.pool is not None and self.max_streamed_unit_bytes > self.pool.slot_bytes:
+            raise ValueError(f"{self.name}: a streamed unit does not fit the pool's slots")
+
+    # -- the schedule --------------------------------------------------------------------------------------------------
+    def _ring_size(self) -> int:
+        return 1 if self.synchronous else min(self.pool.count, len(self._order))
+
+    def _fill(self, slot: int) -> None:
+        """Copy the next streamed unit in execution order into `slot` (unless it is still intact there)."""
+        index = self._order[self._cursor]
+        self._cursor = (self._cursor + 1) % len(self._order)
+        known = self._loaded.get(index)
+        if known is not None and known[0] == slot and self.pool.tags[slot] == known[1]:
+            return
+        tag = (self._id, index, next(self._serial))
+        self.pool.load(slot, self.units[index].host, tag, synchronous=self.synchronous)
+        self._loaded[index] = (slot, tag)
+
+    def _resync(self, index: int) -> None:
+        """The unit about to run is not in a slot (first forward, another model used the slots, or an unexpected
+        order): restart the ring at it."""
+        self._cursor = self._position[index]
+        for slot in range(self._ring_size()):
+            self._fill(slot)
+
+    def _make_pre_hook(self, index: int):
+        def pre_hook(module, args):
+            if self._active is not None:  # the previous unit never finished (an exception): clean up first
+                self.reset()
+            unit = self.units[index]
+            if unit.device is not None:
+                return None
+            known = self._loaded.get(index)
+            if known is None or self.pool.tags[known[0]] != known[1]:
+                self._resync(index)
+                known = self._loaded[index]
+            slot = known[0]
+            self.pool.acquire(slot)
+            unit.point(self._slot_views(unit, slot))
+            self._active = (index, slot)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        def post_hook(module, args, output):
+            unit = self.units[index]
+            if unit.device is not None or self._active is None:
+                return None
+            _, slot = self._active
+            self._active = None
+            self.pool.release(slot)
+            unit.point(unit.host_views)
+            if not self.synchronous:
+                self._fill(slot)  # prefetch: the next streamed unit goes where this one was
+            return None
+
+        return post_hook
+
+    def _slot_views(self, unit: _Unit, slot: int) -> list[torch.Tensor]:
+        key = (unit.index, slot)
+        if key not in self._view_cache:
+            self._view_cache[key] = unit.views(self.pool.buffers[slot])
+        return self._view_cache[key]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.reset()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def choose_resident(unit_bytes: Sequence[int], allowance: int) -> frozenset[int]:
+    """Which units to keep on the GPU within `allowance` bytes. Residents are spread evenly through the execution
+    order (by bytes), so that between two streamed units there is resident compute to hide the next copy behind;
+    what the even spread leaves of the allowance is then filled with any units that still fit."""
+    total = sum(unit_bytes)
+    if allowance <= 0 or not unit_bytes:
+        return frozenset()
+    if allowance >= total:
+        return frozenset(range(len(unit_bytes)))
+    share = allowance / total
+    chosen: set[int] = set()
+    resident = seen = 0
+    for index, nbytes in enumerate(unit_bytes):
+        seen += nbytes
+        if resident + nbytes / 2 <= share * seen and resident + nbytes <= allowance:
+            chosen.add(index)
+            resident += nbytes
+    for index in sorted(set(range(len(unit_bytes))) - chosen, key=lambda i: -unit_bytes[i]):
+        if resident + unit_bytes[index] <= allowance:
+            chosen.add(index)
+            resident += unit_bytes[index]
+    return frozenset(chosen)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What calibration measured and what the plan decided (bytes unless named otherwise)."""
+
+    budget: int
+    context: int
+    """Device memory used outside PyTorch's allocator (CUDA context, kernels), measured."""
+    persistent: int
+    """Allocated by weights that never move (globals, CLIP, VAE decoder) and the slot buffers."""
+    working: int
+    """Peak allocated above `persistent` during one calibration generation, with nothing resident."""
+    margin: int
+    allowance: int
+    dit_resident: int
+    dit_streamed: int
+    t5_resident: int
+    t5_streamed: int
+    slots: int
+    slot_bytes: int
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline's models
+
+
+def _t5_units(t5: torch.nn.Module) -> list[torch.nn.Module]:
+    return [t5.encoder.embed_tokens, *t5.encoder.block]
+
+
+def _dit_units(dit: torch.nn.Module) -> list[torch.nn.Module]:
+    return [*dit.blocks, *dit.single_blocks]
+
+
+class PipelineStreaming:
+    """Streaming for a DiffSynth FluxImagePipeline: DiT and T5 streamed, CLIP and the VAE decoder resident."""
+
+    def __init__(self, pipe, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dit = ModelStreamer("dit", pipe.dit, _dit_units(pipe.dit), self.device, compute_dtype=compute_dtype)
+        self.t5 = ModelStreamer("t5", pipe.text_encoder_2, _t5_units(pipe.text_encoder_2), self.device,
+                                compute_dtype=compute_dtype)
+        self.others = [ModelStreamer(name, getattr(pipe, name), [], self.device, compute_dtype=compute_dtype)
+                       for name in ("text_encoder_1", "vae_decoder") if getattr(pipe, name, None) is not None]
+        slot_bytes = max([*self.dit.unit_bytes, *self.t5.unit_bytes, 0])
+        self.pool = SlotPool(self.device, slot_bytes, slots)
+        self.dit.attach(self.pool)
+        self.t5.attach(self.pool)
+        self.report: MemoryReport | None = None
+
+    @property
+    def streamers(self) -> list[ModelStreamer]:
+        return [self.dit, self.t5, *self.others]
+
+    @property
+    def synchronous(self) -> bool:
+        return self.dit.synchronous
+
+    @synchronous.setter
+    def synchronous(self, value: bool) -> None:
+        for streamer in (self.dit, self.t5):
+            streamer.reset()
+            streamer.synchronous = value
+
+    def reset(self) -> None:
+        for streamer in (self.dit, self.t5):
+            streamer.reset()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(s.host_memory.nbytes for s in self.streamers)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(s.host_memory.nbytes for s in self.streamers if s.host_memory.pinned)
+
+    def plan(self, budget_gb: float, calibrate: Callable[[], None], *, margin_gb: float = DEFAULT_MARGIN_GB) -> MemoryReport:
+        """Measure one generation with nothing resident, then keep as many units resident as the budget allows:
+        DiT units first (used every step), T5 units with what is left."""
+        if self.device.type != "cuda":
+            raise RuntimeError("planning needs a CUDA device")
+        self.dit.set_resident(())
+        self.t5.set_resident(())
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        persistent = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        calibrate()
+        torch.cuda.synchronize(self.device)
+        working = torch.cuda.max_memory_allocated(self.device) - persistent
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        context = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(budget_gb * GIB)
+        margin = int(margin_gb * GIB)
+        allowance = budget - context - persistent - working - margin
+        dit = choose_resident(self.dit.unit_bytes, allowance)
+        self.dit.set_resident(dit)
+        left = allowance - self.dit.resident_bytes
+        self.t5.set_resident(choose_resident(self.t5.unit_bytes, left) if len(dit) == len(self.dit.units) else ())
+        self.report = MemoryReport(
+            budget=budget, context=context, persistent=persistent, working=working, margin=margin,
+            allowance=allowance, dit_resident=self.dit.resident_bytes, dit_streamed=self.dit.streamed_bytes,
+            t5_resident=self.t5.resident_bytes, t5_streamed=self.t5.streamed_bytes, slots=self.pool.count,
+            slot_bytes=self.pool.slot_bytes)
+        log.info("stream plan: %s", {k: (round(v / GIB, 2) if isinstance(v, int) and v > 4096 else v)
+                                     for k, v in self.report.as_dict().items()})
+        return self.report
+
+
+def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height: int,
+                     slots: int = DEFAULT_SLOTS, margin_gb: float = DEFAULT_MARGIN_GB) -> PipelineStreaming:
+    """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
+    `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height;
+    on a CPU everything is streamed (the tests exercise the full streaming path that way)."""
+    streaming = PipelineStreaming(pipe, device, slots=slots)
+    if torch.device(device).type == "cuda":
+        streaming.plan(budget_gb, lambda: pipe(prompt="calibration", seed=0, num_inference_steps=1, width=width,
+                                               height=height, progress_bar_cmd=lambda steps: steps),
+                       margin_gb=margin_gb)
+    install_prompt_cache(pipe)
+    return streaming
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt-embedding cache
+
+
+class PromptCache:
+    """The prompt unit's outputs for the last `size` distinct (prompt, T5 length, positive) keys, kept in host memory
+    (≈4 MB each at 512 tokens). A hit returns copies on the pipeline's device: T5 and CLIP are not run at all."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._entries: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+
+    def lookup(self, key: tuple, device: torch.device | str) -> dict | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return {k: v.to(device, non_blocking=False) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+
+    def store(self, key: tuple, outputs: dict) -> None:
+        self._entries[key] = {k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v
+                              for k, v in outputs.items()}
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def install_prompt_cache(pipe, size: int = 32) -> PromptCache | None:
+    """Wrap the pipeline's prompt-embedding unit (FluxImageUnit_PromptEmbedder) with a PromptCache."""
+    from diffsynth.pipelines.flux_image import FluxImageUnit_PromptEmbedder
+
+    for unit in pipe.units:
+        if isinstance(unit, FluxImageUnit_PromptEmbedder):
+            cache = PromptCache(size)
+            original = unit.process
+
+            def process(pipe_, prompt, t5_sequence_length, positive, _original=original, _cache=cache):
+                key = (prompt, t5_sequence_length, positive)
+                hit = _cache.lookup(key, pipe_.device)
+                if hit is not None:
+                    return hit
+                outputs = _original(pipe_, prompt=prompt, t5_sequence_length=t5_sequence_length, positive=positive)
+                _cache.store(key, outputs)
+                return outputs
+
+            unit.process = process
+            pipe.prompt_cache = cache
+            return cache
+    return None

@@ -1,0 +1,202 @@
+"""The chat core on the real engine (tiny model) and a real SQLite store; only the chat is a recording stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from bot.chat import User
+from bot.config import Config, LimitSettings, PolicySettings
+from bot.core import ChatCore
+from bot.store import Store
+from engine.png import read_parameters
+from engine.worker import Engine
+from tests.bot.conversation import RecordingConversation, RecordingPlatform
+
+ALICE = User("console", "alice", "Alice", chat_id="c1")
+BOB = User("console", "bob", "Bob", chat_id="c1")
+
+
+def make_config(tiny_settings, **limits) -> Config:
+    base = dict(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0, queue_cap=50)
+    base.update(limits)
+    return Config(engine=tiny_settings.model_copy(update={"default_steps": 2}), limits=LimitSettings(**base))
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def engine(tiny_pipeline):
+    engine = Engine(lambda: tiny_pipeline)
+    await engine.start()
+    yield engine
+    await engine.close(timeout=30)
+
+
+def core_for(config, store, engine, **kw) -> ChatCore:
+    core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01, **kw)
+    platform = RecordingPlatform()
+    core.add_platform(platform)
+    return core
+
+
+async def test_draw_acks_progresses_and_delivers_with_the_seed(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings), store, engine, random_seed=lambda: 1234)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/draw a red fox --steps 3")
+    await core.drain()
+    assert conv.texts()[0].startswith("Got it")
+    progress = [t for _, t in conv.edits if "step" in t]
+    assert progress and "step 3/3" in progress[-1]
+    [picture] = conv.pictures
+    assert "seed 1234" in picture.caption and "3 steps" in picture.caption and "noise" in picture.caption
+    assert [b.action for b in picture.buttons] == ["reroll", "again"]
+    assert "Seed: 1234," in read_parameters(picture.png)
+    [record] = await store.history("console", "alice")
+    assert record.status == "done" and record.delivered_at is not None and record.seed == 1234
+    assert record.image_path.read_bytes() == picture.png
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("/draw", "prompt"),
+        ("/draw    ", "prompt"),
+        ("/draw a fox --steps 0", "steps"),
+        ("/draw a fox --steps 1000000000", "steps"),
+        ("/draw a fox --seed -5", "seed"),
+        (f"/draw a fox --seed {2**40}", "seed"),
+        ("/draw a fox --wat 3", "--wat"),
+        ("/draw " + "x" * 5000, "long"),
+    ],
+)
+async def test_bad_input_gets_an_explanation_and_nothing_is_queued(tiny_settings, store, engine, text, expected):
+    core = core_for(make_config(tiny_settings), store, engine)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, text)
+    await core.drain()
+    assert len(conv.sent) == 1 and not conv.pictures
+    reply = conv.texts()[0]
+    assert expected.lower() in reply.lower() and "/draw" in reply  # says what is wrong, shows the right form
+    assert await store.history("console", "alice") == []
+
+
+async def test_reroll_by_owner_and_refusal_for_a_stranger(tiny_settings, store, engine):
+    seeds = iter([11, 22])
+    core = core_for(make_config(tiny_settings), store, engine, random_seed=lambda: next(seeds))
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/draw a lighthouse")
+    await core.drain()
+    job_id = conv.pictures[0].job_id
+    answer = await core.on_button(BOB, conv, f"reroll:{job_id}")
+    assert "Only the person who asked" in answer
+    assert await core.on_button(ALICE, conv, f"reroll:{job_id}") == "Queued!"
+    assert await core.on_button(ALICE, conv, f"again:{job_id}") == "Queued!"
+    await core.drain()
+    seeds_delivered = sorted(int(p.caption.split("seed ")[1].split(" ")[0]) for p in conv.pictures)
+    assert seeds_delivered == [11, 11, 22]  # the original, the same seed again, and one new seed
+    assert await core.on_button(ALICE, conv, "reroll:nosuchjob") == "I can't find that picture any more."
+    assert await core.on_button(ALICE, conv, "bogus") == "That button is no longer valid."
+
+
+async def test_policy_blocked_words_and_allowlist(tiny_settings, store, engine):
+    config = make_config(tiny_settings).model_copy(update={
+        "policy": PolicySettings(blocked_words=[r"\bgore\b"], allowed_users=["console:alice"])})
+    core = core_for(config, store, engine)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/draw lots of GORE please")
+    await core.on_text(BOB, conv, "/draw a cat")
+    assert "does not draw" in conv.texts()[0] and "GORE" in conv.texts()[0]
+    assert "only draws for" in conv.texts()[1]
+    assert await store.history("console", "alice") == [] and await store.history("console", "bob") == []
+
+
+async def test_flood_from_one_user_every_message_answered_limits_applied(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings, max_active_per_user=2), store, engine)
+    conv = RecordingConversation()
+    await asyncio.gather(*(core.on_text(ALICE, conv, f"/draw flood {i}") for i in range(20)))
+    await core.drain()
+    acks = [t for t in conv.texts() if t.startswith("Got it")]
+    refusals = [t for t in conv.texts() if not t.startswith("Got it")]
+    assert len(acks) + len(refusals) == 20
+    assert len(acks) == 2 and len(conv.pictures) == 2
+    assert all("at a time" in r or "waiting" in r or "active" in r.lower() for r in refusals), refusals[:3]
+    rows = await store.history("console", "alice", limit=50)
+    assert len(rows) == 2 and all(r.status == "done" for r in rows)
+
+
+async def test_cancel_only_touches_own_jobs(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings), store, engine)
+    alice, bob = RecordingConversation("a"), RecordingConversation("b")
+    await core.on_text(BOB, bob, "/draw bob's picture --steps 30")
+    await core.on_text(ALICE, alice, "/draw alice one --steps 30")
+    await core.on_text(ALICE, alice, "/draw alice two --steps 30")
+    await core.on_text(ALICE, alice, "/cancel")
+    await core.drain()
+    assert "Cancelled 2 pictures." in alice.texts()
+    assert not alice.pictures and len(bob.pictures) == 1
+    statuses = {r.prompt: r.status for r in await store.history("console", "alice")}
+    assert statuses == {"alice one": "cancelled", "alice two": "cancelled"}
+
+
+async def test_history_and_usage(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings, per_hour=5, per_day=9), store, engine)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/history")
+    assert "no pictures yet" in conv.texts()[-1]
+    await core.on_text(ALICE, conv, "/draw <b>html</b> & @everyone 🦊 --seed 5")
+    await core.drain()
+    await core.on_text(ALICE, conv, "/history")
+    history = conv.sent[-1]
+    assert "<b>html</b> & @everyone 🦊" in history[1] and "seed 5" in history[1]
+    assert [b.action for b in history[2]] == ["again"]
+    await core.on_text(ALICE, conv, "/usage")
+    assert "This hour: 1 of 5" in conv.texts()[-1] and "Last 24 hours: 1 of 9" in conv.texts()[-1]
+
+
+async def test_delivery_is_retried_and_recorded_exactly_once(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings), store, engine)
+    conv = RecordingConversation(fail_pictures=2)
+    await core.on_text(ALICE, conv, "/draw flaky network")
+    await core.drain()
+    assert len(conv.pictures) == 1
+    [record] = await store.history("console", "alice")
+    assert record.delivery_attempts == 2 and record.delivered_at is not None
+
+
+async def test_restart_picks_up_queued_jobs_in_order(tiny_settings, store, tiny_pipeline):
+    config = make_config(tiny_settings)
+    # First life: jobs accepted, then the bot stops before drawing them.
+    engine1 = Engine(lambda: tiny_pipeline)
+    await engine1.start()
+    core1 = core_for(config, store, engine1)
+    conv = RecordingConversation()
+    for n in range(3):
+        await core1.on_text(ALICE, conv, f"/draw job {n} --steps 40")
+    await core1.stop_accepting()
+    await engine1.close(timeout=0)
+    await core1.drain()
+    left = await store.unfinished_jobs()
+    assert [r.prompt for r in left] == ["job 0", "job 1", "job 2"]
+    # Second life on the same database: all three are drawn and delivered once, in order.
+    engine2 = Engine(lambda: tiny_pipeline)
+    await engine2.start()
+    core2 = core_for(config, store, engine2)
+    platform = RecordingPlatform()
+    core2.add_platform(platform)
+    assert await core2.recover() == 3
+    await core2.drain()
+    await engine2.close()
+    new_conv = platform.conversations["c1"]
+    assert [p.caption.split("\n")[0] for p in new_conv.pictures] == ["job 0", "job 1", "job 2"]
+    assert any("still coming" in t for t in new_conv.texts())
+    rows = await store.history("console", "alice")
+    assert all(r.status == "done" and r.delivered_at for r in rows)
