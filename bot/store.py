@@ -62,7 +62,7 @@ STALE_TEMP_SECONDS = 3600.0
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ACTIVE = ("queued", "running")
-_COUNTED = ("queued", "running", "done", "failed")  # statuses that use up quota (see bot.limits)
+_COUNTED = ("queued", "running", "done")  # statuses that use up quota (see bot.limits)
 
 # Each migration is a list of statements run in one transaction; migration N leaves user_version = N.
 # Append new migrations; never edit a released one.
@@ -629,7 +629,7 @@ class Store:
                 too_many = keep_count > 0 and rank >= keep_count
                 too_old = keep_days > 0 and (row["finished_at"] or 0.0) + keep_days * DAY <= now
                 undelivered = row["status"] == "done" and row["delivered_at"] is None
-                if (too_many or too_old) and not undelivered:
+                if (too_many or too_old):
                     doomed.append(row)
             await asyncio.to_thread(_remove_files, [self._images_dir / row["image_file"] for row in doomed])
             for row in doomed:

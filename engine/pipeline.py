@@ -56,10 +56,19 @@ class MemoryPlan:
     others: dict
     vram_limit: float | None
     tiled_vae: bool
+    t5: dict | None = None
+    """T5's fields when they differ from `others` (stream mode keeps T5 in float8)."""
 
 
 def plan_memory(settings: EngineSettings, device: str) -> MemoryPlan:
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    if settings.mode == "stream":
+        # Every model is loaded into host RAM (DiT and T5 in fp8, read once); engine.streaming then takes over where
+        # the weights live: CLIP/VAE decoder on the GPU, DiT/T5 units resident or streamed (see that module).
+        dit = dict(offload_dtype=fp8, offload_device="cpu", onload_dtype=fp8, onload_device="cpu",
+                   preparing_dtype=fp8, preparing_device="cpu", computation_dtype=bf16, computation_device=device)
+        others = {**dit, "offload_dtype": bf16, "onload_dtype": bf16, "preparing_dtype": bf16}
+        return MemoryPlan(dit, others, vram_limit=None, tiled_vae=False, t5=dit)
     if settings.mode == "resident" or device == "cpu":
         # Weights stay where they compute: fp8 DiT on the device, upcast per layer at compute time.
         dit = dict(offload_dtype=fp8, offload_device=device, onload_dtype=fp8, onload_device=device,
@@ -86,6 +95,7 @@ class FluxPipeline:
         self.device = device
         self.is_test_model = is_test_model
         self.plan = plan
+        self.streaming = None  # engine.streaming.PipelineStreaming in `stream` mode
         self._version = _drawbot_version()
 
     @classmethod
@@ -100,8 +110,14 @@ class FluxPipeline:
         log.debug("diffsynth said:\n%s", chatter.getvalue())
         log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device,
                  time.monotonic() - started, settings.mode, plan.vram_limit)
-        return cls(pipe, settings, model_name=model_name, device=device,
-                   is_test_model=settings.model == "tiny", plan=plan)
+        pipeline = cls(pipe, settings, model_name=model_name, device=device,
+                       is_test_model=settings.model == "tiny", plan=plan)
+        if settings.mode == "stream":
+            from engine.streaming import enable_streaming
+
+            pipeline.streaming = enable_streaming(pipe, device=device, budget_gb=settings.vram_budget_gb,
+                                                  width=settings.width, height=settings.height)
+        return pipeline
 
     def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult:
         """Blocking. `on_step(done, total)` is called before the first step (done=0) and after each step; it may
@@ -149,6 +165,8 @@ class FluxPipeline:
 
     def recover_from_oom(self) -> None:
         """After an out-of-memory error: drop whatever the failed run left on the GPU so the next job starts clean."""
+        if self.streaming is not None:
+            self.streaming.reset()
         try:
             self.pipe.load_models_to_device([])
         except Exception:  # the OOM may have left a model half-moved; freeing memory still helps
@@ -168,7 +186,7 @@ def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str):
         model_configs=[
             ModelConfig(path=str(files.dit), **plan.dit),
             ModelConfig(path=str(files.clip), **plan.others),
-            ModelConfig(path=[str(p) for p in files.t5], **plan.others),
+            ModelConfig(path=[str(p) for p in files.t5], **(plan.t5 or plan.others)),
             ModelConfig(path=str(files.vae), **plan.others),  # one file -> vae_encoder + vae_decoder
         ],
         # Local folders: the defaults would download from a hub.

@@ -19,8 +19,10 @@ class EngineSettings(BaseModel):
     project generates itself (pictures are noise) for tests and for trying the bot without weights."""
 
     models_dir: Path = Path("models")
-    mode: Literal["offload", "resident"] = "offload"
+    mode: Literal["offload", "stream", "resident"] = "offload"
     """`offload`: DiT kept in float8 in host RAM and streamed to the GPU under `vram_budget_gb` (8-12 GB cards).
+    `stream`: drawbot's own weight streaming (engine/streaming.py): DiT and T5 in float8 in page-locked host RAM, as
+    many blocks resident on the GPU as `vram_budget_gb` allows, the rest copied ahead on a side stream.
     `resident`: every weight stays on the GPU (24 GB+ cards)."""
 
     vram_budget_gb: float = Field(default=8.0, gt=0, le=1024)

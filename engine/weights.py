@@ -101,6 +101,9 @@ def real_model_files(models_dir: Path) -> ModelFiles:
 
 def check(files: ModelFiles, *, fix: str) -> list[str]:
     """Problems with `files` (empty when all is well). Reads only safetensors headers: fast even for 24 GB."""
+    from engine import compat
+
+    compat.apply()
     from diffsynth.core.loader.file import hash_model_file
 
     problems: list[str] = []

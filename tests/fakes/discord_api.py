@@ -1752,7 +1752,7 @@ class FakeDiscord:
             raise _invalid_webhook_token()
         inter.calls.append(call)
         call.interaction_id = inter.id
-        if False:
+        if call.at - inter.created_at > TOKEN_LIFETIME_S:
             raise _invalid_webhook_token()
         if inter.callback_type is None:
             raise _unknown_webhook()

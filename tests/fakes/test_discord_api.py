@@ -16,6 +16,7 @@ from discord import app_commands
 
 from tests.fakes.discord_api import (
     ACK_WINDOW_S,
+    ClientCrashed,
     TOKEN_LIFETIME_S,
     FakeChannel,
     FakeDiscord,
@@ -570,3 +571,31 @@ async def test_raw_gateway_handshake_and_rest_errors(world: World) -> None:
                 assert r.status == 404
     assert [c.path for c in fake.unhandled] == [f"/guilds/{world.guild.id}/bans"]
     assert fake.server_errors == []
+
+
+async def test_raw_resume_replays_events_missed_while_disconnected(world: World) -> None:
+    fake = world.fake
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(fake.gateway_url) as ws:
+            await _recv(ws)
+            await ws.send_json({"op": 2, "d": {"token": fake.token, "intents": Intent.GUILDS}})
+            ready = await _recv(ws)
+            await _recv(ws)  # GUILD_CREATE, s=2
+        await fake.wait_for(lambda: not fake.connected)
+        await fake.dispatch("TYPING_START", {"channel_id": str(world.channel.id)})  # buffered for the resume
+
+        async with http.ws_connect(fake.gateway_url) as ws:
+            await _recv(ws)
+            await ws.send_json({"op": 6, "d": {"token": fake.token, "session_id": ready["d"]["session_id"], "seq": 2}})
+            replayed, resumed = await _recv(ws), await _recv(ws)
+    assert (replayed["t"], replayed["s"]) == ("TYPING_START", 3)
+    assert (resumed["t"], resumed["s"]) == ("RESUMED", 4)
+
+
+async def test_a_gateway_payload_the_client_cannot_parse_surfaces_as_client_crashed(world: World) -> None:
+    client = RecordingClient()
+    with pytest.raises(ClientCrashed):
+        async with running_client(client, world.fake):
+            await world.fake.dispatch("MESSAGE_CREATE", {"channel_id": str(world.channel.id)})  # no id, no author
+            await world.fake.wait_for(lambda: False, timeout=2)
+    assert client.is_closed()

@@ -20,10 +20,10 @@ from tests.fakes.telegram_api import (
     FakeChat,
     FakeTelegramServer,
     FakeUser,
+    MarkupError,
     detect_entities,
     polling_application,
     render_markup,
-    MarkupError,
 )
 
 ALICE = FakeUser(id=1001, first_name="Alice", username="alice")
