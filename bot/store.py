@@ -488,12 +488,20 @@ class Store:
         return final
 
     async def mark_failed(self, job_id: str, error: str) -> bool:
-        """queued/running -> failed with `error` (shown to the user). False if unknown or already finished."""
+        """queued/running -> failed with `error` (shown to the user). False if unknown or already finished.
+
+        A done job not yet delivered may be failed too (its picture file was lost); its picture is then forgotten.
+        """
         async with self._write():
-            return await self._update(
-                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status IN (?, ?)",
+            row = await self._job_row(job_id)
+            changed = await self._update(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, image_file = NULL WHERE id = ? "
+                "AND (status IN (?, ?) OR (status = 'done' AND delivered_at IS NULL))",
                 (self._clock(), _clip(error), job_id, *_ACTIVE),
             ) == 1
+        if changed and row is not None and row["image_file"]:
+            await asyncio.to_thread(_remove_files, [self._images_dir / row["image_file"]])
+        return changed
 
     async def mark_cancelled(self, job_id: str) -> bool:
         """queued/running -> cancelled. False if unknown or already finished."""
@@ -629,7 +637,7 @@ class Store:
                 too_many = keep_count > 0 and rank >= keep_count
                 too_old = keep_days > 0 and (row["finished_at"] or 0.0) + keep_days * DAY <= now
                 undelivered = row["status"] == "done" and row["delivered_at"] is None
-                if (too_many or too_old):
+                if (too_many or too_old) and not undelivered:
                     doomed.append(row)
             await asyncio.to_thread(_remove_files, [self._images_dir / row["image_file"] for row in doomed])
             for row in doomed:

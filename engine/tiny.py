@@ -1,4 +1,4 @@
-"""A tiny random-weight Flux model (≈2 MB) in the exact file layout and key naming of the real MajicFLUX + FLUX.1-dev
+"""A tiny random-weight Flux model (≈1.4 MB) in the exact file layout and key naming of the real MajicFLUX + FLUX.1-dev
 files, so the real DiffSynth 2.1.12 loading path runs on it on a CPU: hash detection, `MODEL_CONFIGS`, the real
 state-dict converters, `FluxImagePipeline.from_pretrained`, VRAM management with float8 storage, denoising, VAE decode.
 
@@ -21,6 +21,14 @@ DiffSynth will use and must give exactly the tiny model's keys and shapes (a rou
 The tiny model classes below are subclasses of DiffSynth's own classes, built from DiffSynth's own blocks; only the
 constructors change (DiffSynth hard-codes the real sizes). DiffSynth finds them through `register_tiny_models()`,
 which adds the tiny files' hashes to `diffsynth.configs.MODEL_CONFIGS`.
+
+Public API:
+    TINY_ROOT_NAME                      "tiny": the files go under <models_dir>/tiny/
+    write_tiny_model(root)              write the files (idempotent, deterministic, atomic per file)
+    register_tiny_models()              make DiffSynth recognise them (idempotent)
+    TINY_HASHES, tiny_hashes()          {relative path (the text_encoder_2 folder for T5): DiffSynth hash}
+    tiny_hashes_by_part()               the same keyed "dit"|"clip"|"t5"|"vae" (engine.weights.ModelFiles.hashes)
+    DIT_FILE, CLIP_FILE, T5_SHARDS, VAE_FILE, TOKENIZER_1_DIR, TOKENIZER_2_DIR: relative paths
 
 Importing this module imports diffsynth (after `engine.compat.apply()`), but writes and registers nothing.
 """
@@ -421,11 +429,9 @@ def tiny_hashes_by_part() -> Mapping[str, str]:
 
 
 def __getattr__(name: str):
-    # TINY_HASHES / TINY_HASHES_BY_PART are computed on first use (building meta models), not at import.
+    # TINY_HASHES (= tiny_hashes()) is computed on first use (it builds meta models), not at import.
     if name == "TINY_HASHES":
         return tiny_hashes()
-    if name == "TINY_HASHES_BY_PART":
-        return tiny_hashes_by_part()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

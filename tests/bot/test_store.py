@@ -434,8 +434,8 @@ async def test_lifecycle_timestamps_and_image(store, clock, images_dir):
     assert record.status == "done" and record.image_path == path
     assert (record.created_at, record.started_at, record.finished_at) == (T0, T0 + 3, T0 + 28)
     assert (record.duration, record.seconds_per_step) == (25.0, 1.25)
-    assert not await store.mark_failed(job_id, "too late")
     assert not await store.mark_cancelled(job_id)
+    assert not await store.mark_running(job_id)
     assert (await store.get_job(job_id)).status == "done"
 
 
@@ -459,6 +459,20 @@ async def test_mark_failed_keeps_error_text(store):
     assert await store.mark_failed(job_id, "out of GPU memory " + "!" * 5000)
     record = await store.get_job(job_id)
     assert record.status == "failed" and record.error.startswith("out of GPU memory") and len(record.error) <= 2000
+
+
+async def test_done_but_undelivered_job_can_be_failed_when_its_picture_is_lost(store, images_dir):
+    job_id = await accepted_id(store)
+    path = await store.mark_done(job_id, PNG, duration=1, seconds_per_step=None)
+    assert await store.mark_failed(job_id, "the picture file was lost")
+    record = await store.get_job(job_id)
+    assert record.status == "failed" and record.image_path is None and not path.exists()
+    assert await store.unfinished_jobs() == []
+    delivered = await accepted_id(store)
+    await store.mark_done(delivered, PNG, duration=1, seconds_per_step=None)
+    await store.mark_delivered(delivered)
+    assert not await store.mark_failed(delivered, "too late")  # delivered pictures stay done
+    assert (await store.get_job(delivered)).status == "done"
 
 
 async def test_unknown_ids_are_harmless(store):
@@ -597,6 +611,14 @@ CRASHING_CHILD = textwrap.dedent(
     from bot.store import NewJob, Store
 
     async def main():
+        try:
+            await crash_after_writing()
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            os._exit(3)  # an unclosed store's thread would otherwise keep the process alive
+
+    async def crash_after_writing():
         store = await Store.open(Path(sys.argv[1]), Path(sys.argv[2]))
         settings = LimitSettings(cooldown_seconds=0, max_active_per_user=5)
         ids = []
@@ -621,7 +643,7 @@ async def test_jobs_survive_sigkill(tmp_path, db_path, images_dir):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
-    out, err = await asyncio.wait_for(child.communicate(), timeout=60)
+    out, err = await asyncio.wait_for(child.communicate(), timeout=30)
     assert child.returncode == -signal.SIGKILL, err.decode()
     ids = out.decode().split()
     assert len(ids) == 3

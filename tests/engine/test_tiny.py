@@ -144,15 +144,17 @@ def test_weights_are_not_in_the_float8_subnormal_range(root):
 
 
 def test_hashes_of_written_files_match_tiny_hashes(root):
-    hashes = dict(tiny.TINY_HASHES)
-    assert set(hashes) == {EXPECTED_FILES[0], f"{FLUX}/text_encoder/model.safetensors", f"{FLUX}/text_encoder_2",
-                           f"{FLUX}/ae.safetensors"}
-    for rel, expected in hashes.items():
+    by_path = dict(tiny.TINY_HASHES)
+    assert by_path == dict(tiny.tiny_hashes())
+    assert set(by_path) == {EXPECTED_FILES[0], f"{FLUX}/text_encoder/model.safetensors", f"{FLUX}/text_encoder_2",
+                            f"{FLUX}/ae.safetensors"}
+    for rel, expected in by_path.items():
         target = [str(root / s) for s in T5_SHARDS] if rel.endswith("text_encoder_2") else str(root / rel)
         assert hash_model_file(target) == expected, rel
-    assert len(set(hashes.values())) == 4
-    by_part = dict(tiny.TINY_HASHES_BY_PART)
-    assert sorted(by_part) == ["clip", "dit", "t5", "vae"] and set(by_part.values()) == set(hashes.values())
+    assert len(set(by_path.values())) == 4
+    by_part = dict(tiny.tiny_hashes_by_part())
+    assert by_part == {"dit": by_path[EXPECTED_FILES[0]], "clip": by_path[f"{FLUX}/text_encoder/model.safetensors"],
+                       "t5": by_path[f"{FLUX}/text_encoder_2"], "vae": by_path[f"{FLUX}/ae.safetensors"]}
 
 
 def test_writing_again_elsewhere_gives_identical_bytes(root, tmp_path):
@@ -195,7 +197,7 @@ def test_registration_is_idempotent():
 
     tiny.register_tiny_models()
     tiny.register_tiny_models()
-    hashes = set(tiny.TINY_HASHES.values())
+    hashes = set(tiny.tiny_hashes().values())
     entries = [c for c in MODEL_CONFIGS if c["model_hash"] in hashes]
     assert sorted(c["model_name"] for c in entries) == sorted(
         ["flux_dit", "flux_text_encoder_clip", "flux_text_encoder_t5", "flux_vae_encoder", "flux_vae_decoder"])

@@ -444,7 +444,10 @@ class UploadedFile:
 
 @dataclass(eq=False)
 class RestCall:
-    """One REST request as the fake saw it. ``route`` is the key used by ``fail_next`` (e.g. "POST /channels/{channel_id}/messages")."""
+    """One REST request as the fake saw it.
+
+    ``route`` is the key ``fail_next``/``calls_to`` use, e.g. "POST /channels/{channel_id}/messages".
+    """
 
     method: str
     path: str
@@ -646,7 +649,8 @@ def _validate_allowed_mentions(am: Any) -> None:
     parse = am.get("parse") or []
     for value in parse:
         if value not in ("users", "roles", "everyone"):
-            raise _form_error("allowed_mentions.parse", "ENUM_TYPE_COERCE", f"Value {value!r} is not a valid enum value.")
+            raise _form_error("allowed_mentions.parse", "ENUM_TYPE_COERCE",
+                              f"Value {value!r} is not a valid enum value.")
     for kind in ("users", "roles"):
         if kind in parse and am.get(kind):
             raise _form_error("allowed_mentions", "MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE",
@@ -705,13 +709,16 @@ def _validate_components(components: Any, *, components_v2: bool) -> None:
         custom_id = comp.get("custom_id")
         if comp.get("type") == 2 and comp.get("style") == 5:
             if not comp.get("url") or custom_id is not None:
-                raise _form_error("components", "BUTTON_COMPONENT_URL_REQUIRED", "Link buttons need a url and no custom_id.")
+                raise _form_error("components", "BUTTON_COMPONENT_URL_REQUIRED",
+                                  "Link buttons need a url and no custom_id.")
             continue
         if comp.get("type") in (2, 3, 4, 5, 6, 7, 8):
             if not custom_id or len(custom_id) > 100:
-                raise _form_error("components", "BASE_TYPE_BAD_LENGTH", "custom_id must be between 1 and 100 in length.")
+                raise _form_error("components", "BASE_TYPE_BAD_LENGTH",
+                                  "custom_id must be between 1 and 100 in length.")
             if custom_id in seen:
-                raise _form_error("components", "COMPONENT_CUSTOM_ID_DUPLICATED", "Component custom id cannot be duplicated")
+                raise _form_error("components", "COMPONENT_CUSTOM_ID_DUPLICATED",
+                                  "Component custom id cannot be duplicated")
             seen.add(custom_id)
         if comp.get("type") == 2 and len(comp.get("label") or "") > 80:
             raise _form_error("components", "BASE_TYPE_MAX_LENGTH", "Button label must be 80 or fewer in length.")
@@ -719,6 +726,10 @@ def _validate_components(components: Any, *, components_v2: bool) -> None:
 
 _COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
 _OPTION_PY_TYPES: tuple[tuple[type, int], ...] = ((bool, 5), (int, 4), (float, 10), (str, 3))
+
+
+def _command_key(cmd: Mapping[str, Any]) -> tuple[int, str]:
+    return int(cmd.get("type", 1)), str(cmd.get("name"))
 
 
 def _comparable_command(cmd: Mapping[str, Any]) -> dict[str, Any]:
@@ -850,7 +861,7 @@ class FakeDiscord:
         self.interactions: list[FakeInteraction] = []
         self._interactions_by_id: dict[int, FakeInteraction] = {}
         self._interactions_by_token: dict[str, FakeInteraction] = {}
-        self._commands: dict[int | None, dict[str, dict[str, Any]]] = {}
+        self._commands: dict[int | None, dict[tuple[int, str], dict[str, Any]]] = {}  # scope -> (type, name) -> cmd
         self.command_syncs: list[CommandSync] = []
         self.calls: list[RestCall] = []
         self.unhandled: list[RestCall] = []
@@ -1013,7 +1024,7 @@ class FakeDiscord:
         self._notify()
 
     def watch_task(self, task: asyncio.Task[Any]) -> None:
-        """``wait_for`` fails fast with ``ClientCrashed`` if this task ends (e.g. ``Client.start`` died on a parse error)."""
+        """``wait_for`` raises ``ClientCrashed`` once this task ends (``Client.start`` dies on parse errors)."""
         self._watched.append(task)
 
     def unwatch_task(self, task: asyncio.Task[Any]) -> None:
@@ -1021,7 +1032,11 @@ class FakeDiscord:
             self._watched.remove(task)
 
     async def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0) -> T:
-        """Wait until ``predicate()`` is truthy (re-checked after every request/frame/clock change); return its value."""
+        """Wait until ``predicate()`` is truthy and return its value.
+
+        Re-checked after every request, gateway frame and clock change, and every 20 ms (for client-side state).
+        Raises ``FakeServerError``/``ClientCrashed`` at once if the fake failed or a watched client task ended.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -1062,7 +1077,7 @@ class FakeDiscord:
         await self._send_frame(session.conn, {"op": 7, "d": None, "s": None, "t": None})
 
     async def _ws_handler(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=0)
+        ws = web.WebSocketResponse(max_msg_size=0, timeout=1.0)  # timeout: how long close() waits for the peer
         await ws.prepare(request)
         conn = _Connection(ws, dict(request.query))
         self._connections.append(conn)
@@ -1276,7 +1291,7 @@ class FakeDiscord:
         locale: str = "en-US",
         validate: bool = True,
     ) -> FakeInteraction:
-        """A user runs ``/name`` (``"group sub"`` for subcommands) with ``options``; dispatches INTERACTION_CREATE type 2.
+        """A user runs ``/name`` (``"group sub"`` for subcommands); dispatches INTERACTION_CREATE type 2.
 
         With ``validate`` the command must be registered (synced) for that guild or globally, visible to the user
         (``default_member_permissions``, DM ``contexts``) and the options must pass the checks a Discord client
@@ -1345,7 +1360,7 @@ class FakeDiscord:
                 return {"type": 4, "custom_id": cid, "value": value}
             if comp.get("type") == 3:
                 picked = remaining.pop(cid, [])
-                return {"type": 3, "custom_id": cid, "values": list(picked) if not isinstance(picked, str) else [picked]}
+                return {"type": 3, "custom_id": cid, "values": [picked] if isinstance(picked, str) else list(picked)}
             return {"type": comp.get("type"), "id": comp.get("id")}
 
         rows: list[dict[str, Any]] = []
@@ -1386,8 +1401,8 @@ class FakeDiscord:
     def _find_command(self, name: str, guild: FakeGuild | None) -> dict[str, Any] | None:
         scopes = ([guild.id] if guild is not None else []) + [None]
         for scope in scopes:
-            command = self._commands.get(scope, {}).get(name)
-            if command is not None and command.get("type", 1) == 1:
+            command = self._commands.get(scope, {}).get((1, name))
+            if command is not None:
                 return command
         return None
 
@@ -1637,17 +1652,18 @@ class FakeDiscord:
             raise _form_error("_root", "BASE_TYPE_LIST", "Must be an array.")
         if len(call.json) > 100:
             raise _form_error("_root", "BASE_TYPE_MAX_LENGTH", "Must be 100 or fewer in length.")
-        names = [c.get("name") for c in call.json]
-        if len(set(names)) != len(names):
-            raise _form_error("_root", "APPLICATION_COMMANDS_DUPLICATE_NAME", "Application command names must be unique")
         for i, cmd in enumerate(call.json):
             _validate_command(cmd, f"{i}")
+        keys = [_command_key(c) for c in call.json]
+        if len(set(keys)) != len(keys):
+            raise _form_error("_root", "APPLICATION_COMMANDS_DUPLICATE_NAME",
+                              "Application command names must be unique")
         before = self._commands.get(scope, {})
-        sent = {c["name"]: c for c in call.json}
-        created = [n for n in names if n not in before]
-        updated = [n for n in names if n in before and _comparable_command(before[n]) != _comparable_command(sent[n])]
-        unchanged = [n for n in names if n in before and n not in updated]
-        deleted = [n for n in before if n not in names]
+        sent = dict(zip(keys, call.json))
+        created = [k[1] for k in keys if k not in before]
+        updated = [k[1] for k in keys if k in before and _comparable_command(before[k]) != _comparable_command(sent[k])]
+        unchanged = [k[1] for k in keys if k in before and k[1] not in updated]
+        deleted = [k[1] for k in before if k not in sent]
         stored = self._store_commands(scope, call.json)
         self.command_syncs.append(CommandSync(scope, call.json, created, updated, unchanged, deleted, call.at))
         return 200, stored
@@ -1658,25 +1674,26 @@ class FakeDiscord:
             raise _form_error("_root", "MODEL_TYPE_CONVERT", "Must be an object.")
         _validate_command(call.json, "_root")
         existing = dict(self._commands.get(scope, {}))
-        existed = call.json["name"] in existing
-        existing[call.json["name"]] = call.json
+        key = _command_key(call.json)
+        existed = key in existing
+        existing[key] = call.json
         stored = self._store_commands(scope, list(existing.values()))
-        return (200 if existed else 201), next(c for c in stored if c["name"] == call.json["name"])
+        return (200 if existed else 201), next(c for c in stored if _command_key(c) == key)
 
     async def _h_delete_command(self, call: RestCall) -> tuple[int, Any]:
         scope = self._command_scope(call)
         commands = self._commands.get(scope, {})
-        for name, cmd in list(commands.items()):
+        for key, cmd in list(commands.items()):
             if cmd["id"] == call.params["command_id"]:
-                del commands[name]
+                del commands[key]
                 return 204, None
         raise DiscordAPIError(404, 10063, "Unknown application command")
 
     def _store_commands(self, scope: int | None, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         before = self._commands.get(scope, {})
-        stored: dict[str, dict[str, Any]] = {}
+        stored: dict[tuple[int, str], dict[str, Any]] = {}
         for cmd in commands:
-            old = before.get(cmd["name"])
+            old = before.get(_command_key(cmd))
             # Discord keeps a command's id across overwrites with the same name; the version changes on edits.
             cmd_id = old["id"] if old else str(self._ids.next())
             unchanged = old is not None and _comparable_command(old) == _comparable_command(cmd)
@@ -1685,7 +1702,7 @@ class FakeDiscord:
                     "application_id": str(self.application_id), "version": version}
             if scope is not None:
                 full["guild_id"] = str(scope)
-            stored[cmd["name"]] = full
+            stored[_command_key(cmd)] = full
         self._commands[scope] = stored
         return list(stored.values())
 
@@ -1773,7 +1790,7 @@ class FakeDiscord:
         data = call.json if isinstance(call.json, dict) else {}
         original = inter.original
         if inter.callback_type == 5 and original is not None and original.loading and not original.deleted:
-            # The first follow-up after a "thinking" defer replaces the loading message (ephemerality comes from the defer).
+            # The first follow-up after a "thinking" defer replaces the loading message; the defer decided ephemerality.
             self._edit_message(original, {k: v for k, v in data.items() if k != "flags"}, call.files)
             message, event = original, "MESSAGE_UPDATE"
         else:

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -51,7 +52,7 @@ async def no_leaked_tasks():
 
 
 @pytest.fixture
-async def world(monkeypatch: pytest.MonkeyPatch) -> World:
+async def world(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
         guild = fake.add_guild("Art Club", owner=alice, channels=("general", "nsfw-art"))
@@ -158,7 +159,8 @@ async def test_tree_sync_is_recorded_and_ids_survive_resync(world: World) -> Non
     assert (syncs[3].created, syncs[3].updated) == (["history"], ["draw"])
     assert first[0].id == again[0].id == next(c.id for c in third if c.name == "draw")
     assert guild_cmds == []
-    assert syncs[0].commands[0]["options"][0] == {**syncs[0].commands[0]["options"][0], "name": "prompt", "type": 3}
+    sent_option = syncs[0].commands[0]["options"][0]
+    assert (sent_option["name"], sent_option["type"], sent_option["required"]) == ("prompt", 3, True)
     assert [c["name"] for c in world.fake.registered_commands()] == ["draw", "history"]
 
 
@@ -350,8 +352,8 @@ async def test_allowed_mentions_are_recorded_and_pings_computed(world: World) ->
         channel = client.get_channel(world.channel.id)
         careless = await channel.send("@everyone look")
         careful = await channel.send("@everyone look", allowed_mentions=discord.AllowedMentions.none())
-        user_only = await channel.send(f"@here <@{world.bob.id}>",
-                                       allowed_mentions=discord.AllowedMentions(everyone=False, roles=False, users=True))
+        users_only = discord.AllowedMentions(everyone=False, roles=False, users=True)
+        user_only = await channel.send(f"@here <@{world.bob.id}>", allowed_mentions=users_only)
 
     sent = fake.messages(world.channel)
     assert [m.allowed_mentions for m in sent] == [
