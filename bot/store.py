@@ -282,7 +282,13 @@ class Store:
                 )
             for number in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[number - 1]:
-                    await self._db.execute(statement)
+                    try:
+                        await self._db.execute(statement)
+                    except sqlite3.Error as exc:
+                        raise StoreError(
+                            f"{self._path}: cannot bring the database to schema version {number} ({exc}); "
+                            "is it another program's database?"
+                        ) from None
                 # PRAGMA takes no parameters; `number` is our own int.
                 await self._db.execute(f"PRAGMA user_version = {int(number)}")
                 log.info("%s: database schema migrated to version %d", self._path, number)
@@ -299,6 +305,9 @@ class Store:
                 raise StoreError(f"database {self._path} is busy or unavailable: {exc}") from None
             try:
                 yield
+            except sqlite3.Error as exc:
+                await self._db.rollback()
+                raise StoreError(f"database error in {self._path}: {exc}") from exc
             except BaseException:
                 await self._db.rollback()
                 raise
@@ -315,6 +324,8 @@ class Store:
             await self._db.execute("BEGIN")
             try:
                 yield
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error in {self._path}: {exc}") from exc
             finally:
                 await self._db.rollback()
 

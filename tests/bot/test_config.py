@@ -28,7 +28,7 @@ def test_missing_file_means_defaults():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[engine]\nmode = \"turbo\"\n", "[engine].mode: Input should be 'offload' or 'resident' (got 'turbo')"),
+        ("[engine]\nmode = \"turbo\"\n", "[engine].mode: Input should be 'offload'"),
         ("[engine]\nvram_budget_gb = \"eight\"\n", "[engine].vram_budget_gb:"),
         ("[engine]\nwidth = 1000\n", "[engine].width: Input should be a multiple of 16"),
         ("[engine]\nmin_steps = 10\ndefault_steps = 5\n", "min_steps <= default_steps <= max_steps"),

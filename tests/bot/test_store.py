@@ -136,6 +136,18 @@ async def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path, clock)
         await Store.open(bogus, tmp_path / "images", clock=clock)
 
 
+async def test_another_programs_database_is_refused_clearly(db_path, images_dir, clock):
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE jobs (name TEXT)")  # same table name, user_version still 0
+        raw.execute("INSERT INTO jobs VALUES ('keep me')")
+    with pytest.raises(StoreError, match="cannot bring the database to schema version 1"):
+        await Store.open(db_path, images_dir, clock=clock)
+    with sqlite3.connect(db_path) as raw:  # left exactly as it was
+        assert raw.execute("SELECT name FROM jobs").fetchall() == [("keep me",)]
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
 async def test_busy_database_is_waited_for_not_failed(store, db_path):
     """Another connection holding the write lock for a moment only delays admission (busy_timeout)."""
     locked = threading.Event()
