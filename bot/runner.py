@@ -68,7 +68,9 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
             say(f"no MajicFLUX weights under {settings.models_dir}/ and no chat tokens: starting the local console "
                 "chat with the built-in tiny test model, whose pictures are noise. Run `drawbot download` for the "
                 "real model and set DRAWBOT_TELEGRAM_TOKEN / DRAWBOT_DISCORD_TOKEN to go online.")
-            settings = settings.model_copy(update={"model": "tiny"})
+            # Noise needs no detail: a small default size keeps the demo quick on a CPU.
+            settings = settings.model_copy(update={"model": "tiny", "width": min(settings.width, 256),
+                                                   "height": min(settings.height, 256)})
     config = config.model_copy(update={"engine": settings})
 
     from engine.pipeline import FluxPipeline, locate_model
@@ -77,7 +79,7 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
     storage = config.storage
     store = await Store.open(storage.database_path, storage.images_dir)
     engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
-    say(f"loading the {settings.model} model on {settings.device} ({settings.mode} mode)…")
+    say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
     try:
         await engine.start()
     except weights.WeightsError as exc:

@@ -68,8 +68,8 @@ async def test_draw_acks_progresses_and_delivers_with_the_seed(tiny_settings, st
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("/draw", "prompt"),
-        ("/draw    ", "prompt"),
+        ("/draw", "what to draw"),
+        ("/draw    ", "what to draw"),
         ("/draw a fox --steps 0", "steps"),
         ("/draw a fox --steps 1000000000", "steps"),
         ("/draw a fox --seed -5", "seed"),

@@ -1,0 +1,417 @@
+"""Full-size benchmark: the real MajicFLUX/FLUX.1-dev architecture with random weights (bench.weights writes the
+files in the real layout; DiffSynth recognises them by hash), built through the same code the bot runs.
+
+Cases (any subset, in this order, in one process; `--parts`):
+  weights    write the full-size files if missing (≈22 GB, generated on the GPU)
+  ceilings   pinned / pageable host->GPU bandwidth, bf16 and fp8 GEMM rates
+  resident   (a) DiffSynth, every model resident in bf16, no VRAM management
+  offload    drawbot engine, mode "offload" (DiffSynth's per-layer offload, fp8 DiT) - issue 2's GPU check
+  stream     (d) drawbot engine, mode "stream" (engine/streaming.py), every budget re-planned in one load, plus
+             a repeated-prompt run (prompt cache) and a bit-identity check against the synchronous copy path
+  diffsynth  (b) DiffSynth 2.1.12's own low-VRAM mode, configured as its Flux low-VRAM example does
+  diffusers  (c) diffusers FluxTransformer2DModel, group offloading (block level, stream) + fp8 layerwise casting,
+             DiT step only
+
+An 8 GB card is emulated on a bigger GPU the way the shared notes (performance.md §11) do: the PyTorch allocator is
+capped at card - (non-allocator context measured just before), and a thread polls NVML for the device-wide peak.
+
+    python -m bench.full_size --models-dir /tmp/fullsize --parts weights,offload --budgets 8 --sizes 1024
+    python -m bench.full_size --tiny            # the same code on the tiny model, on the CPU (seconds)
+    python -m bench.full_size --report bench/results/*.json    # one table from earlier runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench import measure
+from bench.measure import GIB
+from engine import compat
+
+compat.apply()
+
+PROMPT = "a red fox sitting in fresh snow, golden hour, photograph"
+SEED = 7
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tiny = args.tiny
+        self.device = "cpu" if self.tiny else "cuda"
+        self.rows: list[dict] = []
+        self.info: dict = {"environment": measure.environment(), "args": vars(args) | {"models_dir": str(args.models_dir)}}
+        self.poller = measure.PeakPoller()
+        self._prompts = 0
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def new_prompt(self) -> str:
+        self._prompts += 1
+        return f"{PROMPT}, variation {self._prompts}"
+
+    def files(self):
+        from engine import weights
+
+        if self.tiny:
+            from engine import tiny
+
+            root = Path(self.args.models_dir) / tiny.TINY_ROOT_NAME
+            tiny.write_tiny_model(root)
+            tiny.register_tiny_models()
+            return weights.layout(root.resolve(), dict(tiny.tiny_hashes_by_part()))
+        return weights.real_model_files(Path(self.args.models_dir))
+
+    def free(self) -> None:
+        gc.collect()
+        if measure.cuda():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def row(self, **fields) -> dict:
+        self.rows.append(fields)
+        self.say("row: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in fields.items()
+                                       if not isinstance(v, (dict, list))}))
+        return fields
+
+    def timed_generation(self, label: str, run) -> dict:
+        """run(clock) performs one generation calling clock.on_step / clock.progress; returns the timing + peaks."""
+        clock = measure.PhaseClock(self.poller, prefix=label + ":")
+        measure.reset_peaks()
+        clock.start()
+        run(clock)
+        clock.stop()
+        peaks = {phase: self.poller.peaks(f"{label}:{phase}") for phase in ("text", "denoise", "decode")}
+        return {**clock.summary(), **{f"{k}_gib": v for k, v in measure.allocator_peaks().items()},
+                "nvml_gib": max(p["gpu"] for p in peaks.values()),
+                "nvml_text_gib": peaks["text"]["gpu"], "nvml_denoise_gib": peaks["denoise"]["gpu"],
+                "nvml_decode_gib": peaks["decode"]["gpu"],
+                "rss_gib": max(p["rss"] for p in peaks.values())}
+
+    # -- parts ---------------------------------------------------------------------------------------------------------
+    def part_weights(self) -> None:
+        if self.tiny:
+            from bench import weights as full
+
+            full.all_shapes()  # the key maps still hash to the real files' hashes
+            self.files()
+            return
+        from bench.weights import write_full_size
+
+        started = time.perf_counter()
+        write_full_size(Path(self.args.models_dir), log=self.say)
+        self.info["weights_s"] = time.perf_counter() - started
+
+    def part_ceilings(self) -> None:
+        self.info["ceilings"] = measure.ceilings()
+        self.say(f"ceilings: {self.info['ceilings']}")
+
+    def part_resident(self) -> None:
+        from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
+        files = self.files()
+        measure.emulate_card(None)
+        self.poller.phase("resident:load")
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth's per-model banners
+            pipe = FluxImagePipeline.from_pretrained(
+            torch_dtype=torch.bfloat16, device=self.device,
+            model_configs=[ModelConfig(path=str(files.dit)), ModelConfig(path=str(files.clip)),
+                           ModelConfig(path=[str(p) for p in files.t5]), ModelConfig(path=str(files.vae))],
+            tokenizer_1_config=ModelConfig(path=str(files.tokenizer_1)),
+            tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)))
+        load_s = time.perf_counter() - started
+        pipe(prompt="warm-up", seed=0, num_inference_steps=2, height=self.args.sizes[0], width=self.args.sizes[0],
+             progress_bar_cmd=lambda t: t)
+        for size in self.args.sizes:
+            prompt = self.new_prompt()
+            result = self.timed_generation("resident", lambda clock: pipe(
+                prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
+                progress_bar_cmd=clock.progress))
+            self.row(case="(a) resident bf16", budget=None, size=size, steps=self.args.steps, load_s=load_s, **result)
+        del pipe
+        self.free()
+
+    def _engine(self, mode: str, budget: float, size: int):
+        from engine.pipeline import FluxPipeline
+        from engine.settings import EngineSettings
+
+        settings = EngineSettings(model="tiny" if self.tiny else "majicflus", models_dir=self.args.models_dir,
+                                  mode=mode, vram_budget_gb=budget, device=self.device, width=size, height=size,
+                                  max_steps=200)
+        return FluxPipeline.load(settings)
+
+    def _engine_generation(self, label: str, pipeline, prompt: str, size: int, steps: int | None = None) -> tuple[dict, bytes]:
+        from engine.jobs import GenerationRequest
+
+        request = GenerationRequest(prompt, SEED, steps or self.args.steps, size, size)
+        out: dict = {}
+        result = self.timed_generation(label, lambda clock: out.setdefault(
+            "result", pipeline.generate(request, clock.on_step)))
+        return result, out["result"].png
+
+    def part_offload(self) -> None:
+        for budget in self.args.budgets[: None if self.args.offload_all_budgets else 1]:
+            card = measure.emulate_card(None if self.tiny else budget)
+            self.poller.phase("offload:load")
+            started = time.perf_counter()
+            pipeline = self._engine("offload", budget, self.args.sizes[0])
+            load_s = time.perf_counter() - started
+            for size in self.args.sizes[: 1 if not self.args.offload_all_sizes else None]:
+                result, _ = self._engine_generation("offload", pipeline, self.new_prompt(), size)
+                self.row(case="drawbot offload (DiffSynth layers)", budget=budget, size=size, steps=self.args.steps,
+                         load_s=load_s, cap=card, vram_limit_gib=pipeline.plan.vram_limit, **result)
+            del pipeline
+            self.free()
+
+    def part_stream(self) -> None:
+        budgets = self.args.budgets
+        card = measure.emulate_card(None if self.tiny else budgets[0])
+        self.poller.phase("stream:load")
+        started = time.perf_counter()
+        pipeline = self._engine("stream", budgets[0], self.args.sizes[0])
+        load_s = time.perf_counter() - started
+        streaming = pipeline.streaming
+        self.info["stream_host"] = {"host_gib": streaming.host_bytes / GIB, "pinned_gib": streaming.pinned_bytes / GIB}
+        for number, budget in enumerate(budgets):
+            if number and not self.tiny:  # same load, new budget: cap the allocator again, re-plan (the engine's planner)
+                card = measure.emulate_card(budget)
+                size0 = self.args.sizes[0]
+                streaming.plan(budget, lambda: pipeline.pipe(prompt="calibration", seed=0, num_inference_steps=1,
+                                                             width=size0, height=size0,
+                                                             progress_bar_cmd=lambda t: t))
+            plan = streaming.report.as_dict() if streaming.report else {}
+            for size in self.args.sizes:
+                prompt = self.new_prompt()
+                result, _ = self._engine_generation("stream", pipeline, prompt, size)
+                cached, _ = self._engine_generation("stream", pipeline, prompt, size, steps=2)
+                self.row(case="(d) drawbot stream", budget=budget, size=size, steps=self.args.steps, load_s=load_s,
+                         cap=card, text_cached_s=cached["text_s"], streamed_gib=streaming.dit.streamed_bytes / GIB,
+                         resident_gib=streaming.dit.resident_bytes / GIB,
+                         resident_units=len(streaming.dit.resident), units=len(streaming.dit.units),
+                         t5_streamed_gib=streaming.t5.streamed_bytes / GIB, plan=plan,
+                         pinned_gib=streaming.pinned_bytes / GIB, host_gib=streaming.host_bytes / GIB, **result)
+        # Race check: the streamed path against the synchronous copy path, same request, byte for byte.
+        size = self.args.sizes[-1]
+        _, streamed = self._engine_generation("race", pipeline, "race check", size, steps=3)
+        streaming.synchronous = True
+        sync_result, synchronous = self._engine_generation("race", pipeline, "race check, sync", size, steps=3)
+        _, synchronous_same = self._engine_generation("race", pipeline, "race check", size, steps=3)
+        streaming.synchronous = False
+        self.info["race_check"] = {"size": size, "bit_identical": streamed == synchronous_same,
+                                   "sync_step_median_s": sync_result["step_median_s"]}
+        self.say(f"race check: streamed == synchronous: {streamed == synchronous_same}")
+        self.info["host_dtypes"] = sorted({str(p.dtype) for u in streaming.dit.units for e in u.entries
+                                           for p in [e.param]})
+        del pipeline, streaming
+        self.free()
+
+    def part_diffsynth(self) -> None:
+        """(b) exactly upstream examples/flux/model_inference_low_vram/FLUX.1-dev.py's VRAM config."""
+        from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
+
+        files = self.files()
+        fp8 = torch.float8_e4m3fn
+        vram_config = dict(offload_dtype=fp8, offload_device="cpu", onload_dtype=fp8, onload_device="cpu",
+                           preparing_dtype=fp8, preparing_device=self.device, computation_dtype=torch.bfloat16,
+                           computation_device=self.device)
+        for budget in self.args.budgets:
+            card = measure.emulate_card(None if self.tiny else budget)
+            self.poller.phase("diffsynth:load")
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # DiffSynth's per-model banners
+                pipe = FluxImagePipeline.from_pretrained(
+                torch_dtype=torch.bfloat16, device=self.device,
+                model_configs=[ModelConfig(path=str(files.dit), **vram_config),
+                               ModelConfig(path=str(files.clip), **vram_config),
+                               ModelConfig(path=[str(p) for p in files.t5], **vram_config),
+                               ModelConfig(path=str(files.vae), **vram_config)],
+                tokenizer_1_config=ModelConfig(path=str(files.tokenizer_1)),
+                tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
+                vram_limit=budget - 0.5)  # the example: mem_get_info()[1] / 2**30 - 0.5 on the emulated card
+            load_s = time.perf_counter() - started
+            for size in self.args.sizes[:1]:
+                prompt = self.new_prompt()
+                result = self.timed_generation("diffsynth", lambda clock: pipe(
+                    prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
+                    progress_bar_cmd=clock.progress))
+                self.row(case="(b) DiffSynth low-VRAM example", budget=budget, size=size, steps=self.args.steps,
+                         load_s=load_s, cap=card, **result)
+            del pipe
+            self.free()
+
+    def part_diffusers(self) -> None:
+        from bench.diffusers_case import build_flux_transformer, dit_step_inputs
+
+        measure.emulate_card(None)
+        started = time.perf_counter()
+        model, pinned_gib = build_flux_transformer(self.device, tiny=self.tiny)
+        build_s = time.perf_counter() - started
+        for budget in self.args.budgets:
+            card = measure.emulate_card(None if self.tiny else budget)
+            for size in self.args.sizes:
+                inputs = dit_step_inputs(size, self.device, tiny=self.tiny)
+                times = []
+                measure.reset_peaks()
+                self.poller.phase(f"diffusers:{budget}:{size}")
+                with torch.no_grad():
+                    for step in range(2 + self.args.dit_repeats):
+                        measure.sync()
+                        t0 = time.perf_counter()
+                        model(**inputs, return_dict=False)
+                        measure.sync()
+                        times.append(time.perf_counter() - t0)
+                self.poller.phase("idle")
+                timed = sorted(times[2:])
+                self.row(case="(c) diffusers group offload + fp8", budget=budget, size=size, steps=None,
+                         load_s=build_s, cap=card, step_median_s=timed[len(timed) // 2], steps_s=times,
+                         pinned_gib=pinned_gib, nvml_gib=self.poller.peaks(f"diffusers:{budget}:{size}")["gpu"],
+                         **{f"{k}_gib": v for k, v in measure.allocator_peaks().items()})
+                del inputs
+        del model
+        self.free()
+
+    # -- driver --------------------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        failures = 0
+        with self.poller:
+            measure.warm_up_kernels()
+            self.info["context_gib_after_warmup"] = measure.context_bytes() / GIB
+            for part in self.args.parts:
+                self.say(f"--- {part}")
+                try:
+                    getattr(self, f"part_{part}")()
+                except Exception as exc:  # one broken case must not lose the others' numbers
+                    failures += 1
+                    self.info.setdefault("errors", {})[part] = f"{type(exc).__name__}: {exc}"[:2000]
+                    traceback.print_exc()
+                    self.free()
+                    measure.emulate_card(None)
+                self.save()
+        print(format_table(self.rows, self.info))
+        return 1 if failures else 0
+
+    def save(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"info": self.info, "rows": self.rows}, indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: list[dict], info: dict) -> str:
+    ceilings = info.get("ceilings", {})
+    bandwidth = ceilings.get("h2d_pinned_GBps")
+    resident_step = {r["size"]: r["step_median_s"] for r in rows if r["case"].startswith("(a)")}
+    diffusers_step = {(r["budget"], r["size"]): r["step_median_s"] for r in rows if r["case"].startswith("(c)")}
+    diffsynth_total = {(r["budget"], r["size"]): r["total_s"] for r in rows if r["case"].startswith("(b)")}
+    header = ("case", "GB", "res", "total s", "text s", "s/step", "1st step", "decode s", "alloc", "reserved",
+              "NVML peak", "RSS", "pinned", "floor s", "vs floor", "vs (c)", "vs (b)")
+    lines = []
+    for r in rows:
+        floor = vs_floor = vs_c = vs_b = None
+        step = r.get("step_median_s")
+        if r["case"].startswith("(d)") and bandwidth and r["size"] in resident_step:
+            floor = max(resident_step[r["size"]], r["streamed_gib"] * GIB / (bandwidth * 1e9))
+            vs_floor = step / floor if step else None
+        if r["case"].startswith("(d)") and (r["budget"], r["size"]) in diffusers_step and step:
+            vs_c = step / diffusers_step[(r["budget"], r["size"])]
+        if r.get("total_s") and (r["budget"], r["size"]) in diffsynth_total and not r["case"].startswith("(b)"):
+            vs_b = diffsynth_total[(r["budget"], r["size"])] / r["total_s"]
+        lines.append((r["case"], _fmt(r.get("budget")), _fmt(r["size"]), _fmt(r.get("total_s")), _fmt(r.get("text_s"), 3),
+                      _fmt(step, 3), _fmt(r.get("first_step_s"), 3), _fmt(r.get("decode_s"), 3),
+                      _fmt(r.get("alloc_gib")), _fmt(r.get("reserved_gib")), _fmt(r.get("nvml_gib")),
+                      _fmt(r.get("rss_gib"), 1), _fmt(r.get("pinned_gib"), 1), _fmt(floor, 3),
+                      _fmt(vs_floor), _fmt(vs_c), ("%.1fx" % vs_b) if vs_b else "-"))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+    notes = []
+    env = info.get("environment", {})
+    notes.append(f"device: {env.get('gpu', 'cpu')} ({env.get('driver_pcie', '')}), torch {env.get('torch')}, "
+                 f"{env.get('cpus')} CPUs, host RAM {_fmt(env.get('host_ram_gib'), 0)} GiB")
+    if ceilings:
+        notes.append("ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in ceilings.items() if not k.endswith("error")))
+    for r in rows:
+        if r["case"].startswith("(d)"):
+            notes.append(f"stream {r['budget']} GB {r['size']}²: DiT resident {r['resident_units']}/{r['units']} units "
+                         f"({_fmt(r['resident_gib'])} GiB), streamed {_fmt(r['streamed_gib'])} GiB/step, T5 streamed "
+                         f"{_fmt(r['t5_streamed_gib'])} GiB, text on a repeated prompt {_fmt(r['text_cached_s'], 4)} s, "
+                         f"NVML text/denoise/decode {_fmt(r['nvml_text_gib'])}/{_fmt(r['nvml_denoise_gib'])}/"
+                         f"{_fmt(r['nvml_decode_gib'])} GiB, cap {_fmt((r.get('cap') or {}).get('cap_gib'))} GiB + "
+                         f"context {_fmt((r.get('cap') or {}).get('context_gib'))} GiB")
+    if "race_check" in info:
+        notes.append(f"race check: streamed vs synchronous copies bit-identical: {info['race_check']['bit_identical']}")
+    if "stream_host" in info:
+        notes.append(f"stream host memory: {info['stream_host']}")
+    for part, error in info.get("errors", {}).items():
+        notes.append(f"ERROR in {part}: {error.splitlines()[0][:300]}")
+    return "\n".join(out + [""] + notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, default=Path("bench-models"))
+    parser.add_argument("--parts", default="weights,ceilings,resident,offload,stream")
+    parser.add_argument("--budgets", default="8,12", help="emulated card sizes, GiB")
+    parser.add_argument("--sizes", default="1024,512")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dit-repeats", type=int, default=5, help="timed DiT steps for (c)")
+    parser.add_argument("--offload-all-sizes", action="store_true", help="offload: every size (default: the first)")
+    parser.add_argument("--offload-all-budgets", action="store_true", help="offload: every budget (default: the first)")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--report", nargs="*", help="print one table from these result files and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        rows, info = [], {}
+        for path in args.report:
+            data = json.loads(Path(path).read_text())
+            rows += data["rows"]
+            for key, value in data["info"].items():
+                info.setdefault(key, value)
+        print(format_table(rows, info))
+        return 0
+    args.parts = args.parts.split(",")
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    if args.tiny:
+        args.sizes = [64]
+        args.steps = min(args.steps, 2)
+        args.dit_repeats = 1
+        if args.models_dir == Path("bench-models"):
+            args.models_dir = Path("/tmp/drawbot-bench-tiny")
+    args.out = args.out or f"bench/results/{'tiny' if args.tiny else 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if not args.tiny and not torch.cuda.is_available():
+        print("no CUDA GPU: run with --tiny to check the script on the CPU", file=sys.stderr)
+        return 2
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The console chat: the same commands over stdin/stdout, and the one-liner from the README."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bot.config import Config, ConsoleSettings, LimitSettings, StorageSettings
+from bot.runner import run
+from engine.png import read_parameters
+
+DRAWBOT = Path(sys.executable).with_name("drawbot")
+
+
+def test_readme_one_liner_draws_and_exits_0(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAWBOT_")}
+    done = subprocess.run(f"printf '/draw a red fox 7 4\\n' | {DRAWBOT} run", shell=True, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "tiny test model" in done.stderr  # no weights, no tokens: it says so plainly
+    saved = re.search(r"picture saved: (\S+\.png)", done.stdout)
+    assert saved, done.stdout
+    png = (tmp_path / saved.group(1)).read_bytes()
+    text = read_parameters(png)
+    assert text.startswith("a red fox\n") and "Seed: 7," in text and "Steps: 4," in text
+    assert "seed 7 · 4 steps" in done.stdout
+
+
+async def test_console_session_speaks_every_command(tmp_path, tiny_settings):
+    config = Config(
+        engine=tiny_settings,
+        storage=StorageSettings(state_dir=tmp_path / "state"),
+        limits=LimitSettings(cooldown_seconds=0),
+        console=ConsoleSettings(enabled=True, user="tester"),
+    )
+    script = "\n".join([
+        "/help",
+        "/cancel",
+        "hello there",
+        "/draw",
+        "/draw a fox --steps 999",
+        "/draw <i>a fox</i> & @everyone 🦊 --seed 42 --steps 2",
+        "/history",
+        "/usage",
+        "/nonsense",
+    ]) + "\n"
+    out = io.StringIO()
+    code = await run(config, model_override="tiny", stdin=io.StringIO(script), stdout=out)
+    text = out.getvalue()
+    assert code == 0
+    assert "/draw <prompt> [seed] [steps]" in text  # help
+    assert "Send /draw followed by what to draw" in text  # plain text gets a hint
+    assert "Tell me what to draw" in text  # empty prompt
+    assert "999" in text and "steps" in text.lower()  # out-of-range steps explained
+    assert "<i>a fox</i> & @everyone 🦊" in text and "seed 42 · 2 steps" in text  # verbatim, with the seed
+    assert "Your last pictures:" in text and "This hour: 1 of" in text
+    assert "I don't know /nonsense" in text
+    assert "You have nothing waiting or drawing." in text
+    saved = re.search(r"picture saved: (\S+\.png)", text)
+    assert saved and Path(saved.group(1)).is_file()
