@@ -168,7 +168,7 @@ def write_safetensors(path: Path, shapes: Shapes, dtype: torch.dtype, *, device:
         handle.write(encoded)
         for name in names:
             tensor = _random_tensor(name, shapes[name], dtype, device, generator)
-            handle.write(tensor.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+            handle.write(tensor.contiguous().view(torch.uint8).cpu().numpy().data)
             del tensor
     temporary.replace(path)
 

@@ -80,6 +80,7 @@ class ChatCore:
         self._live: dict[str, _Live] = {}
         self._accepting = True
         self._stopping = False
+        self._job_seconds: float | None = None  # moving average of finished jobs, for queue ETAs
         self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
 
     # -- wiring ---------------------------------------------------------------------------------------------------
@@ -164,6 +165,11 @@ class ChatCore:
                 return f"Sorry, that prompt contains something this bot does not draw (“{replies.short(match.group(0), 40)}”)."
         return None
 
+    def _wait_estimate(self, position: int) -> float | None:
+        """Seconds until a job at `position` starts: the jobs ahead (the running one counted whole) times the
+        average job so far. None until one job has finished."""
+        return None if self._job_seconds is None or position <= 0 else self._job_seconds * position
+
     def _is_admin(self, user: User) -> bool:
         return user.key in self.config.limits.admins
 
@@ -198,7 +204,8 @@ class ChatCore:
                                                            command.height), conv, user.id)
         if live is None:
             return None
-        live.shown = replies.queued(m, live.engine_job.position, None)
+        position = live.engine_job.position
+        live.shown = replies.queued(m, position, self._wait_estimate(position))
         live.ack_id = await self._safe_send(conv, live.shown)
         await self.store.set_reply_ref(job_id, {"conv": conv.ref(), "ack_id": live.ack_id,
                                                 "as_file": command.as_file, "user_name": user.name})
@@ -238,7 +245,7 @@ class ChatCore:
             while True:
                 event = await events.get()
                 if event.kind == "queued":
-                    await edit(replies.queued(m, event.position, None))
+                    await edit(replies.queued(m, event.position, self._wait_estimate(event.position)))
                 elif event.kind == "started":
                     await self.store.mark_running(live.record_id)
                     await edit(replies.queued(m, 0, None), force=True)
@@ -263,6 +270,8 @@ class ChatCore:
                 if live.ack_id is None:
                     await self._safe_send(conv, replies.failed(m, str(exc)))
                 return
+            self._job_seconds = result.seconds if self._job_seconds is None else (
+                0.7 * self._job_seconds + 0.3 * result.seconds)
             path = await self.store.mark_done(live.record_id, result.png, duration=result.seconds,
                                               seconds_per_step=result.seconds_per_step)
             log.info("done job=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id, result.seconds,

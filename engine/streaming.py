@@ -587,6 +587,9 @@ class PromptCache:
         self.hits += 1
         return {k: v.to(device, non_blocking=False) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def store(self, key: tuple, outputs: dict) -> None:
         self._entries[key] = {k: v.detach().to("cpu") if isinstance(v, torch.Tensor) else v
                               for k, v in outputs.items()}

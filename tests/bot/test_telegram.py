@@ -116,6 +116,7 @@ async def test_draw_acks_shows_progress_and_replies_with_the_photo_and_seed(
         await h.settle()
         ack = h.replies_to(asked)[0]
         await h.tg.wait_for(lambda: ack.text == "Done.", WAIT, what="the ack to end on Done.")
+        [record] = await h.store.history("telegram", str(ALICE.id))
 
     texts = [v["text"] for v in ack.versions]
     assert texts[0].startswith(("Got it", "Starting"))
@@ -124,7 +125,6 @@ async def test_draw_acks_shows_progress_and_replies_with_the_photo_and_seed(
     shown = h.tg.message(ALICE.id, photo.message_id)
     assert shown.caption.startswith("a red fox\nseed 1234 · 4 steps · 64×64")
     assert shown.payload["reply_to_message"]["message_id"] == asked.message_id
-    [record] = await h.store.history("telegram", str(ALICE.id))
     assert record.status == "done" and record.delivered_at is not None and record.seed == 1234
     assert photo.data == stored_png(record) and photo.content_type == "image/png"  # small: the lossless PNG itself
     assert [b["callback_data"] for b in shown.buttons] == [f"reroll:{record.id}", f"again:{record.id}"]
@@ -144,7 +144,7 @@ async def test_each_bad_input_gets_an_explanation_and_no_photo(tmp_path, tiny_se
         "/draw a fox --seed -5": "seed",
         f"/draw a fox --seed {2**40}": "seed",
         "/draw a fox --wat 3": "--wat",
-        "/draw a <fox> & --<b>": "--<b>",  # the explanation echoes user text: it must be escaped
+        "/draw a <fox> --steps <i>&": "“<i>&”",  # the explanation echoes user text: it must be escaped
         "/draw " + "x" * 1500: "long",
     }
     async with telegram_bot(tmp_path, tiny_settings, tiny_pipeline) as h:
@@ -177,11 +177,11 @@ async def test_group_draw_addressed_to_the_bot_works_and_other_bots_commands_are
         await h.settle()
         ack = h.replies_to(asked)[0]
         await h.tg.wait_for(lambda: ack.text == "Done.", WAIT)
+        [record] = await h.store.history("telegram", str(BOB.id))
 
     assert h.replies_to(other) == [] and h.replies_to(chatter) == [] and h.replies_to(unknown) == []
     assert "seed <code>5</code> · 12 steps" in photo.caption
     assert h.tg.message(GROUP.id, photo.message_id).payload["reply_to_message"]["message_id"] == asked.message_id
-    [record] = await h.store.history("telegram", str(BOB.id))
     assert record.chat_id == str(GROUP.id) and record.delivered_at is not None
     # Progress edits in groups keep the configured group interval (Telegram allows ~20 messages a minute there).
     edits = [c.at for c in h.tg.calls_to("editMessageText") if "step" in c.params["text"]]
@@ -277,7 +277,7 @@ async def test_send_retries_after_429_and_flood_of_twenty_messages_is_all_answer
     acks = [r for r in replies if r.versions[0]["text"].startswith(("Got it", "Starting"))]
     refusals = [r for r in replies if r not in acks]
     assert len(acks) == 2 and len(refusals) == 18 and len(rows) == 2
-    assert all("at a time" in r.text for r in refusals), refusals[0].text
+    assert all("at most 2 at once" in r.text for r in refusals), refusals[0].text
     assert cancelled.text == "Cancelled 2 pictures."
     assert "/draw" in help_reply.text
 
@@ -390,7 +390,9 @@ async def test_after_a_restart_the_picture_reaches_the_same_chat(tmp_path, tiny_
 
     [photo] = tg.photos(GROUP.id)
     assert tg.message(GROUP.id, photo.message_id).payload["reply_to_message"]["message_id"] == asked.message_id
-    assert any("still coming" in (m.text or "") for m in tg.bot_messages(GROUP.id))
+    [_, notice] = [m for m in tg.bot_messages(GROUP.id) if not m.has_photo]
+    assert "still coming" in notice.versions[0]["text"] and notice.text == "Done."
+    assert notice.payload["reply_to_message"]["message_id"] == asked.message_id
     assert record.status == "done" and record.delivered_at is not None
 
 
