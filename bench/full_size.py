@@ -90,16 +90,22 @@ class Bench:
 
     def timed_generation(self, label: str, run) -> dict:
         """run(clock) performs one generation calling clock.on_step / clock.progress; returns the timing + peaks."""
+        self._runs = getattr(self, "_runs", 0) + 1
+        label = f"{label}#{self._runs}"  # phases of one generation only
         clock = measure.PhaseClock(self.poller, prefix=label + ":")
         measure.reset_peaks()
         clock.start()
         run(clock)
         clock.stop()
         peaks = {phase: self.poller.peaks(f"{label}:{phase}") for phase in ("text", "denoise", "decode")}
-        return {**clock.summary(), **{f"{k}_gib": v for k, v in measure.allocator_peaks().items()},
+        summary = clock.summary()
+        phases = summary["alloc_phase_gib"].values()
+        return {**summary, "alloc_gib": max((p["alloc"] for p in phases), default=0.0),
+                "reserved_gib": max((p["reserved"] for p in phases), default=0.0),
                 "nvml_gib": max(p["gpu"] for p in peaks.values()),
                 "nvml_text_gib": peaks["text"]["gpu"], "nvml_denoise_gib": peaks["denoise"]["gpu"],
                 "nvml_decode_gib": peaks["decode"]["gpu"],
+                "outside_allocator_gib": max(p["outside"] for p in peaks.values()),
                 "rss_gib": max(p["rss"] for p in peaks.values())}
 
     # -- parts ---------------------------------------------------------------------------------------------------------
@@ -205,6 +211,21 @@ class Bench:
                          resident_units=len(streaming.dit.resident), units=len(streaming.dit.units),
                          t5_streamed_gib=streaming.t5.streamed_bytes / GIB, plan=plan,
                          pinned_gib=streaming.pinned_bytes / GIB, host_gib=streaming.host_bytes / GIB, **result)
+        # Opt-in fp8 compute (stretch goal): same request as a bf16-compute run just above, so the drift is measurable.
+        size = self.args.sizes[0]
+        prompt = self.new_prompt()
+        bf16_result, bf16_png = self._engine_generation("stream", pipeline, prompt, size)
+        try:
+            streaming.set_fp8_compute(True)
+            fp8_result, fp8_png = self._engine_generation("stream", pipeline, prompt, size)
+            self.row(case="(d) stream + fp8 compute", budget=budgets[-1], size=size, steps=self.args.steps,
+                     load_s=load_s, streamed_gib=streaming.dit.streamed_bytes / GIB, drift=_image_drift(bf16_png, fp8_png),
+                     bf16_step_median_s=bf16_result["step_median_s"], **fp8_result)
+        except Exception as exc:
+            self.info["fp8_compute_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            self.say(f"fp8 compute failed: {exc}")
+        finally:
+            streaming.set_fp8_compute(False)
         # Race check: the streamed path against the synchronous copy path, same request, byte for byte (the prompt
         # cache is cleared so that T5 runs, and streams, on both paths).
         size = self.args.sizes[-1]
@@ -231,7 +252,7 @@ class Bench:
         vram_config = dict(offload_dtype=fp8, offload_device="cpu", onload_dtype=fp8, onload_device="cpu",
                            preparing_dtype=fp8, preparing_device=self.device, computation_dtype=torch.bfloat16,
                            computation_device=self.device)
-        for budget in self.args.budgets:
+        for size, budget in [(s, b) for s in self.args.sizes for b in self.args.budgets]:  # 1024² first
             card = measure.emulate_card(None if self.tiny else budget)
             self.poller.phase("diffsynth:load")
             started = time.perf_counter()
@@ -246,13 +267,12 @@ class Bench:
                 tokenizer_2_config=ModelConfig(path=str(files.tokenizer_2)),
                 vram_limit=budget - 0.5)  # the example: mem_get_info()[1] / 2**30 - 0.5 on the emulated card
             load_s = time.perf_counter() - started
-            for size in self.args.sizes[:1]:
-                prompt = self.new_prompt()
-                result = self.timed_generation("diffsynth", lambda clock: pipe(
-                    prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
-                    progress_bar_cmd=clock.progress))
-                self.row(case="(b) DiffSynth low-VRAM example", budget=budget, size=size, steps=self.args.steps,
-                         load_s=load_s, cap=card, **result)
+            prompt = self.new_prompt()
+            result = self.timed_generation("diffsynth", lambda clock: pipe(
+                prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
+                progress_bar_cmd=clock.progress))
+            self.row(case="(b) DiffSynth low-VRAM example", budget=budget, size=size, steps=self.args.steps,
+                     load_s=load_s, cap=card, **result)
             del pipe
             self.free()
 
@@ -313,6 +333,18 @@ class Bench:
         out.write_text(json.dumps({"info": self.info, "rows": self.rows}, indent=1, default=str))
 
 
+def _image_drift(reference_png: bytes, other_png: bytes) -> dict:
+    """Pixel difference of two PNGs: mean absolute (0-255), max, PSNR in dB."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(reference_png)).convert("RGB"), dtype=np.float64)
+    b = np.asarray(Image.open(io.BytesIO(other_png)).convert("RGB"), dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return {"mean_abs": float(np.abs(a - b).mean()), "max_abs": float(np.abs(a - b).max()),
+            "psnr_db": float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The table
 
@@ -360,13 +392,19 @@ def format_table(rows: list[dict], info: dict) -> str:
     if ceilings:
         notes.append("ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in ceilings.items() if not k.endswith("error")))
     for r in rows:
-        if r["case"].startswith("(d)"):
+        if r["case"] == "(d) drawbot stream":
             notes.append(f"stream {r['budget']} GB {r['size']}²: DiT resident {r['resident_units']}/{r['units']} units "
                          f"({_fmt(r['resident_gib'])} GiB), streamed {_fmt(r['streamed_gib'])} GiB/step, T5 streamed "
                          f"{_fmt(r['t5_streamed_gib'])} GiB, text on a repeated prompt {_fmt(r['text_cached_s'], 4)} s, "
                          f"NVML text/denoise/decode {_fmt(r['nvml_text_gib'])}/{_fmt(r['nvml_denoise_gib'])}/"
                          f"{_fmt(r['nvml_decode_gib'])} GiB, cap {_fmt((r.get('cap') or {}).get('cap_gib'))} GiB + "
                          f"context {_fmt((r.get('cap') or {}).get('context_gib'))} GiB")
+    for r in rows:
+        if r["case"].startswith("(d) stream + fp8"):
+            ratio = r["step_median_s"] / resident_step[r["size"]] if r["size"] in resident_step else None
+            notes.append(f"fp8 compute {r['budget']} GB {r['size']}²: {_fmt(r['step_median_s'], 3)} s/step vs bf16 "
+                         f"compute {_fmt(r['bf16_step_median_s'], 3)} (x{_fmt(ratio)} of resident bf16); drift vs bf16 "
+                         f"compute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["drift"].items()))
     if "race_check" in info:
         notes.append(f"race check: streamed vs synchronous copies bit-identical: {info['race_check']['bit_identical']}")
     if "stream_host" in info:

@@ -64,6 +64,7 @@ class PeakPoller:
         self._phase = "idle"
         self._gpu: dict[str, int] = {}
         self._rss: dict[str, int] = {}
+        self._outside: dict[str, int] = {}  # device-wide minus PyTorch's reserved: context, cuBLAS/cuDNN, ...
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peak-poller", daemon=True)
         self._lock = threading.Lock()
@@ -82,10 +83,12 @@ class PeakPoller:
 
     def _sample(self) -> None:
         gpu = self._nvml.read() if self._nvml.read else 0
+        reserved = torch.cuda.memory_reserved() if cuda() else 0
         rss = self._process.memory_info().rss
         with self._lock:
             self._gpu[self._phase] = max(self._gpu.get(self._phase, 0), gpu)
             self._rss[self._phase] = max(self._rss.get(self._phase, 0), rss)
+            self._outside[self._phase] = max(self._outside.get(self._phase, 0), gpu - reserved)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -102,10 +105,11 @@ class PeakPoller:
         return self._nvml.read() if self._nvml.read else 0
 
     def peaks(self, *phases: str) -> dict[str, float]:
-        """Peak GiB over the named phases: {"gpu": .., "rss": ..}."""
+        """Peak GiB over the named phases: {"gpu": .., "rss": .., "outside": ..} (outside = device-wide - reserved)."""
         with self._lock:
             return {"gpu": max((self._gpu.get(p, 0) for p in phases), default=0) / GIB,
-                    "rss": max((self._rss.get(p, 0) for p in phases), default=0) / GIB}
+                    "rss": max((self._rss.get(p, 0) for p in phases), default=0) / GIB,
+                    "outside": max((self._outside.get(p, 0) for p in phases), default=0) / GIB}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,17 +189,32 @@ class PhaseClock:
     started: float = 0.0
     marks: list[float] = field(default_factory=list)
     ended: float = 0.0
+    alloc_peaks: dict = field(default_factory=dict)
+    """Allocator peaks (GiB, allocated and reserved) per phase: text / denoise / decode."""
+
+    def _close_phase(self, name: str) -> None:
+        if cuda():
+            self.alloc_peaks[name] = {"alloc": torch.cuda.max_memory_allocated() / GIB,
+                                      "reserved": torch.cuda.max_memory_reserved() / GIB}
+            torch.cuda.reset_peak_memory_stats()
 
     def start(self) -> None:
         sync()
         self.started = time.perf_counter()
         self.marks.clear()
+        self.alloc_peaks.clear()
+        if cuda():
+            torch.cuda.reset_peak_memory_stats()
         if self.poller:
             self.poller.phase(self.prefix + "text")
 
     def on_step(self, done: int, total: int) -> None:
         sync()  # honest per-step times: wait for the GPU at every step boundary
         self.marks.append(time.perf_counter())
+        if done == 0:
+            self._close_phase("text")
+        elif done == total:
+            self._close_phase("denoise")
         if self.poller:
             self.poller.phase(self.prefix + ("denoise" if done < total else "decode"))
 
@@ -210,6 +229,7 @@ class PhaseClock:
     def stop(self) -> None:
         sync()
         self.ended = time.perf_counter()
+        self._close_phase("decode")
         if self.poller:
             self.poller.phase("idle")
 
@@ -222,6 +242,7 @@ class PhaseClock:
             "first_step_s": steps[0] if steps else None,
             "step_median_s": statistics.median(steps[1:] if len(steps) > 2 else steps) if steps else None,
             "decode_s": self.ended - self.marks[-1] if self.marks else None,
+            "alloc_phase_gib": dict(self.alloc_peaks),
         }
 
 
@@ -271,7 +292,16 @@ def ceilings() -> dict:
         result["gemm_fp8_TFLOPs"] = None
         result["gemm_fp8_error"] = f"{type(exc).__name__}: {exc}"[:200]
     weight = torch.randn(21504, 3072, device="cuda").to(torch.float8_e4m3fn)
-    result["upcast_fp8_bf16_Gparam_s"] = weight.numel() / _time_cuda(lambda: weight.to(torch.bfloat16)) / 1e9
+    result["upcast_torch_Gparam_s"] = weight.numel() / _time_cuda(lambda: weight.to(torch.bfloat16)) / 1e9
+    try:
+        from engine.streaming import Upcaster
+
+        upcast = Upcaster()
+        fast = upcast(weight, torch.bfloat16, "cuda")
+        result["upcast_triton_exact"] = bool(torch.equal(fast.view(torch.int16), weight.to(torch.bfloat16).view(torch.int16)))
+        result["upcast_triton_Gparam_s"] = weight.numel() / _time_cuda(lambda: upcast(weight, torch.bfloat16, "cuda")) / 1e9
+    except Exception as exc:
+        result["upcast_triton_error"] = f"{type(exc).__name__}: {exc}"[:200]
     del a, b, weight
     torch.cuda.empty_cache()
     return result

@@ -25,6 +25,16 @@ def _default_config_path() -> Path | None:
     return Path("config.toml") if Path("config.toml").is_file() else None
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 < seconds <= 3600)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drawbot", description="Self-hosted Flux drawing bot for Discord and Telegram.")
     parser.add_argument("--config", type=Path, default=None,
@@ -33,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the bot (Telegram / Discord if tokens are set, else the local console)")
     run.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
+    run.add_argument("--stop-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                     help="on SIGTERM, how long the picture being drawn may take to finish before it is left for "
+                          "the next start (default 60; keep it well under the service's TimeoutStopSec)")
 
     draw = sub.add_parser("draw", help="draw one picture through the engine and save it")
     draw.add_argument("prompt")
@@ -50,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config_path = args.config if args.config is not None else _default_config_path()
     try:
-        config = load_config(args.config if args.config is not None else _default_config_path())
+        config = load_config(config_path)
     except ConfigError as exc:
         print(f"drawbot: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.logging.level, format="%(levelname)s %(name)s: %(message)s")
+    from bot.logs import configured_tokens, setup_logging
+
+    setup_logging(config.logging.level, secrets=configured_tokens(config))
     try:
         if args.command == "draw":
             from bot.draw_command import draw
@@ -74,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from bot.doctor import doctor
 
-            return doctor(config)
+            return doctor(config, config_path=config_path)
         if args.command == "run":
-            from bot.runner import run
+            from bot.runner import STOP_TIMEOUT, run
 
-            return asyncio.run(run(config, model_override=args.model, config_path=args.config or _default_config_path()))
+            return asyncio.run(run(config, model_override=args.model, config_path=config_path,
+                                   stop_timeout=args.stop_timeout or STOP_TIMEOUT))
     except KeyboardInterrupt:
         return 130
     return 2

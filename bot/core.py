@@ -24,6 +24,7 @@ from bot import replies
 from bot.chat import Button, Conversation, Picture, Platform, User, parse_button
 from bot.commands import DrawCommand, DrawRules, UsageError, parse_draw, split_command, validate_draw
 from bot.config import Config
+from bot.metrics import Metrics
 from bot.store import Admission, JobRecord, NewJob, Store
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
 
@@ -66,6 +67,7 @@ class ChatCore:
         clock: Callable[[], float] = time.time,
         delivery_attempts: int = 5,
         delivery_backoff: float = 2.0,
+        metrics: Metrics | None = None,
     ):
         self.config = config
         self.store = store
@@ -76,6 +78,7 @@ class ChatCore:
         self._clock = clock
         self._delivery_attempts = delivery_attempts
         self._delivery_backoff = delivery_backoff
+        self.metrics = metrics if metrics is not None else Metrics()  # a fresh registry unless the runner shares one
         self._platforms: dict[str, Platform] = {}
         self._live: dict[str, _Live] = {}
         self._accepting = True
@@ -177,10 +180,13 @@ class ChatCore:
         """Admit, persist, acknowledge and queue one picture. Returns the job id, or None when refused."""
         m = conv.markup
         if not self._accepting:
+            self.metrics.refused("restarting")
             await conv.send_text(m.escape("The bot is restarting; please try again in a minute."))
             return None
         refusal = self._refusal_by_policy(user, command.prompt)
         if refusal:
+            self.metrics.refused("policy")
+            log.info("refused platform=%s user=%s reason=policy", user.platform, user.id)
             await conv.send_text(m.escape(refusal))
             return None
         seed = self._random_seed() if command.seed is None else command.seed
@@ -194,10 +200,12 @@ class ChatCore:
         )
         if not admission.accepted:
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)
+            self.metrics.refused(admission.reason)
             if admission.notify:
                 await conv.send_text(m.escape(admission.message))
             return None
         job_id = admission.job_id
+        self.metrics.accepted(user.platform)
         log.info("accepted job=%s platform=%s user=%s steps=%d size=%dx%d", job_id, user.platform, user.id,
                  command.steps, command.width, command.height)
         live = await self._start(job_id, GenerationRequest(command.prompt, seed, command.steps, command.width,
@@ -217,6 +225,8 @@ class ChatCore:
         try:
             engine_job = self.engine.submit(request, events.put_nowait, job_id=job_id)
         except EngineError as exc:
+            self.metrics.finished("failed")
+            log.warning("failed job=%s platform=%s user=%s: %s", job_id, conv.platform, user_id, exc)
             await self.store.mark_failed(job_id, str(exc))
             await self._safe_send(conv, replies.failed(conv.markup, str(exc)))
             return None
@@ -260,11 +270,17 @@ class ChatCore:
                 result: GenerationResult = await live.engine_job.wait()
             except JobCancelled:
                 if self._stopping and not live.user_cancelled:
+                    log.info("kept job=%s for the next start", live.record_id)
                     return  # shut down under it: the row stays queued/running and is picked up at the next start
+                self.metrics.finished("cancelled")
+                log.info("cancelled job=%s platform=%s user=%s", live.record_id, conv.platform, live.user_id)
                 await self.store.mark_cancelled(live.record_id)
                 await edit(replies.cancelled(m), force=True)
                 return
             except JobFailed as exc:
+                self.metrics.finished("failed")
+                log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, conv.platform, live.user_id,
+                            exc)
                 await self.store.mark_failed(live.record_id, str(exc))
                 await edit(replies.failed(m, str(exc)), force=True)
                 if live.ack_id is None:
@@ -274,8 +290,10 @@ class ChatCore:
                 0.7 * self._job_seconds + 0.3 * result.seconds)
             path = await self.store.mark_done(live.record_id, result.png, duration=result.seconds,
                                               seconds_per_step=result.seconds_per_step)
-            log.info("done job=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id, result.seconds,
-                     result.seconds_per_step, result.peak_vram_bytes)
+            self.metrics.finished("done", result)
+            log.info("done job=%s platform=%s user=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id,
+                     conv.platform, live.user_id, result.seconds, result.seconds_per_step,
+                     "-" if result.peak_vram_bytes is None else f"{result.peak_vram_bytes / 2**30:.2f}GiB")
             record = await self.store.get_job(live.record_id)
             await self.deliver(record, conv, png=result.png, seconds=result.seconds, notice=result.notice,
                                path=str(path))
@@ -310,6 +328,7 @@ class ChatCore:
                     try:
                         await conv.send_picture(picture)
                     except Exception as exc:
+                        self.metrics.delivery_failed(conv.platform)
                         attempts = await self.store.record_delivery_failure(record.id, f"{type(exc).__name__}: {exc}")
                         log.warning("delivery failed job=%s attempt=%d: %s", record.id, attempts, type(exc).__name__)
                         raise

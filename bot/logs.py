@@ -7,8 +7,8 @@ shown as " ⏎ "), so one event is one journal entry.
 
 Tokens: the bot never logs one on purpose; `RedactSecrets` is the safety net that replaces any configured token in
 every record (message, arguments, traceback) before any handler writes it. Prompts are never logged at INFO or above:
-the core logs job ids, user ids and numbers, and this module keeps chatty HTTP libraries (whose request lines hold
-the Telegram token in the URL) at WARNING.
+the core logs job ids, user ids and numbers, and this module writes only warnings and errors of the chatty HTTP
+libraries (whose request lines hold the Telegram token in the URL).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ MIN_SECRET_LENGTH = 6
 """Shorter values are not scrubbed: no real token is that short, and scrubbing "abc" would mangle ordinary text."""
 NEWLINE_MARK = " ⏎ "
 
-# Libraries that log each HTTP request at INFO, URL included (python-telegram-bot's URLs contain the bot token).
+# Libraries that log each HTTP request at INFO, URL included (python-telegram-bot's URLs contain the bot token):
+# one journal line per progress edit and per long poll is noise, so only their warnings and errors are written.
 QUIET_LOGGERS = ("httpx", "httpcore", "hpack", "websockets", "aiohttp.access")
 
 _SYSLOG_PRIORITY = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
@@ -77,6 +78,20 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class QuietLibraries(logging.Filter):
+    """Drops records below WARNING from the chatty HTTP libraries (for this handler only: their loggers keep their
+    levels, so nothing else that listens to them changes)."""
+
+    def __init__(self, names: Iterable[str] = QUIET_LOGGERS):
+        super().__init__()
+        self._prefixes = tuple(names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == p or record.name.startswith(p + ".") for p in self._prefixes)
+
+
 class OneLineFormatter(logging.Formatter):
     """`<6>bot.core: message` for the journal, `2025-01-31 12:00:00 INFO bot.core: message` elsewhere."""
 
@@ -92,7 +107,22 @@ class OneLineFormatter(logging.Formatter):
 
 
 class DrawbotHandler(logging.StreamHandler):
-    """The one handler `setup_logging` installs (its own class, so a second set-up replaces it, nothing else)."""
+    """The one handler `setup_logging` installs (its own class, so a second set-up replaces it, nothing else).
+
+    Without a stream it writes to whatever `sys.stderr` is at the time of each record, like logging's last-resort
+    handler, so a replaced stderr (a test runner's capture) never leaves it writing to a closed file."""
+
+    def __init__(self, stream: TextIO | None = None):
+        logging.Handler.__init__(self)
+        self._stream = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO | None) -> None:
+        self._stream = value
 
 
 def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
@@ -131,11 +161,11 @@ def setup_logging(level: str | int = "INFO", *, secrets: Iterable[str] = (), str
     """Send every log record at `level` and above to `stream` (default stderr), one line each, secrets scrubbed.
 
     Returns the redaction filter, so a secret learnt later can be added. Calling it again replaces the handler."""
-    stream = sys.stderr if stream is None else stream
-    journal = writes_to_journal(stream) if journal is None else journal
+    journal = writes_to_journal(sys.stderr if stream is None else stream) if journal is None else journal
     redact = RedactSecrets(secrets)
     handler = DrawbotHandler(stream)
     handler.setFormatter(OneLineFormatter(journal=journal))
+    handler.addFilter(QuietLibraries())
     handler.addFilter(redact)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, DrawbotHandler)]:
@@ -143,7 +173,5 @@ def setup_logging(level: str | int = "INFO", *, secrets: Iterable[str] = (), str
         old.close()
     root.addHandler(handler)
     root.setLevel(level)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)  # Python warnings become one-line, scrubbed records too
     return redact

@@ -3,23 +3,33 @@
 SIGTERM / SIGINT: stop accepting, tell users with waiting jobs that theirs is kept, let the running job finish within
 the stop timeout (else it is retried at the next start), persist everything, exit 0. SIGHUP: re-read the config parts
 that can change live (limits, allowlists, blocked words).
+
+Worst case from SIGTERM to exit: stop timeout + ENGINE_GRACE (a job stops only at a step boundary) + DRAIN_TIMEOUT
+(deliveries in flight). The systemd unit's TimeoutStopSec is larger than that sum.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import queue
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TextIO
 
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
+from bot.metrics import Metrics, MetricsServer, serve
 from bot.store import Store
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 60.0  # seconds a running picture may take to finish on SIGTERM (the unit's TimeoutStopSec is larger)
+ENGINE_GRACE = 30.0  # engine.worker.Engine.close waits this long past the timeout for the job to reach a step boundary
+DRAIN_TIMEOUT = 15.0  # seconds for deliveries still in flight at stop; an undelivered picture is sent at the next start
 
 
 def say(text: str) -> None:
@@ -49,8 +59,72 @@ def token_counter(tokenizer_dir: Path):
     return lambda text: len(tokenizer.encode(text).ids)
 
 
+class InterruptibleLines:
+    """A line source for the console that a stop can interrupt.
+
+    The console adapter calls `readline()` in an executor thread. A thread blocked reading a real stdin (a terminal, a
+    pipe nobody closes) would keep the process alive after SIGTERM, since asyncio and the interpreter both wait for
+    executor threads. Here a daemon thread reads the stream (raw fd reads: no buffer lock held at interpreter exit)
+    and `readline()` takes lines from a queue, which `close()` ends at once with end-of-input.
+    """
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._lines: queue.Queue[str] = queue.Queue()
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO and friends: plain readline, nothing blocks
+            fd = None
+        target = self._pump_fd if fd is not None else self._pump_readline
+        threading.Thread(target=target, args=(fd,) if fd is not None else (), name="drawbot-stdin",
+                         daemon=True).start()
+
+    def _pump_fd(self, fd: int) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                self._lines.put(line.decode("utf-8", errors="replace") + "\n")
+        if pending:
+            self._lines.put(pending.decode("utf-8", errors="replace"))
+        self._lines.put("")
+
+    def _pump_readline(self) -> None:
+        for line in iter(self._stream.readline, ""):
+            self._lines.put(line)
+        self._lines.put("")
+
+    def readline(self) -> str:
+        line = self._lines.get()
+        if not line:
+            self._lines.put("")  # stay at end of input for every later read
+        return line
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        """End of input now, whatever the stream does."""
+        self._lines.put("")
+
+
 async def run(config: Config, *, model_override: str | None = None, config_path: Path | None = None,
-              stdin=None, stdout=None) -> int:
+              stdin: TextIO | None = None, stdout: TextIO | None = None, stop_timeout: float = STOP_TIMEOUT,
+              stop: asyncio.Event | None = None, metrics: Metrics | None = None) -> int:
+    """Run the bot until SIGTERM/SIGINT, `stop` being set, or every platform ending (the console at end of input).
+
+    Returns the exit code: 0 after a clean stop, 1 when the bot cannot start or a platform crashed, 2 on bad config.
+    """
     from engine import weights
 
     try:
@@ -86,15 +160,24 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
         say(str(exc))
         await store.close()
         return 1
+    except Exception as exc:  # no CUDA, out of memory while loading, ...: say it plainly, point at the doctor
+        say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what the bot needs.")
+        await engine.close(timeout=0)
+        await store.close()
+        return 1
     files, _ = locate_model(settings)
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.track_queue(lambda: engine.queue_length)
     core = ChatCore(config, store, engine, is_test_model=engine.info.is_test_model,
-                    count_tokens=token_counter(files.tokenizer_2))
+                    count_tokens=token_counter(files.tokenizer_2), metrics=metrics)
 
     platforms = []
+    console_input: InterruptibleLines | None = None
     if console_on:
         from bot.adapters.console import ConsolePlatform
 
-        platforms.append(ConsolePlatform(core, user=config.console.user, stdin=stdin, stdout=stdout))
+        console_input = InterruptibleLines(stdin if stdin is not None else sys.stdin)
+        platforms.append(ConsolePlatform(core, user=config.console.user, stdin=console_input, stdout=stdout))
     if telegram_token:
         from bot.adapters.telegram import TelegramPlatform
 
@@ -106,51 +189,91 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
     for platform in platforms:
         core.add_platform(platform)
 
-    stop = asyncio.Event()
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_stop_signal(sig: signal.Signals) -> None:
+        log.info("%s received: stopping", sig.name)
+        stop.set()
 
     def reload() -> None:
+        if config_path is None:
+            log.warning("SIGHUP received, but the bot was started without a config file: nothing to reload")
+            return
         try:
             core.reload(load_config(config_path))
         except ConfigError as exc:
             log.error("config reload refused, keeping the old one: %s", exc)
 
-    if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        return await _serve(config, core, engine, store, platforms, stop, stop_timeout=stop_timeout,
+                            metrics=metrics, console_input=console_input)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
 
-    recovered = await core.recover()
-    if recovered:
-        log.info("picked up %d job(s) from before the restart", recovered)
-    say("ready: " + ", ".join(p.name for p in platforms))
 
-    tasks = [asyncio.create_task(p.run(), name=f"platform-{p.name}") for p in platforms]
+async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms: list, stop: asyncio.Event, *,
+                 stop_timeout: float, metrics: Metrics, console_input: InterruptibleLines | None) -> int:
+    """From recovery to a stopped, fully persisted bot."""
+    metrics_server: MetricsServer | None = None
+    if config.metrics.enabled:
+        try:
+            metrics_server = serve(metrics, config.metrics.host, config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_server.port)
+        except OSError as exc:
+            log.error("metrics: cannot listen on %s:%d (%s); running without them", config.metrics.host,
+                      config.metrics.port, exc.strerror or exc)
+
+    tasks: list[asyncio.Task] = []
     stopper = asyncio.create_task(stop.wait())
     exit_code = 0
-    pending = set(tasks)
-    # Run until a signal, or until every platform has ended (the console at end of input), or one crashes.
-    while pending and not stop.is_set():
-        done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
-        pending.discard(stopper)
-        for task in done - {stopper}:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("%s stopped with an error", task.get_name(), exc_info=task.exception())
-                exit_code = 1
-                stop.set()
+    try:
+        recovered = await core.recover()
+        if recovered:
+            log.info("picked up %d job(s) from before the restart", recovered)
+        say("ready: " + ", ".join(p.name for p in platforms))
+        tasks = [asyncio.create_task(p.run(), name=f"platform-{p.name}") for p in platforms]
+        pending = set(tasks)
+        # Run until a signal, or until every platform has ended (the console at end of input), or one crashes.
+        while pending and not stop.is_set():
+            done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stopper)
+            for task in done - {stopper}:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s stopped with an error", task.get_name(), exc_info=task.exception())
+                    exit_code = 1
+                    stop.set()
+    except Exception:  # whatever broke, still stop cleanly below: the queue must be left consistent
+        log.exception("the bot failed; stopping")
+        exit_code = 1
 
-    log.info("stopping: no new jobs; the running one may finish within %.0f s", STOP_TIMEOUT)
+    log.info("stopping: no new jobs; the running one may finish within %.0f s", stop_timeout)
     await core.stop_accepting()
+    if console_input is not None:
+        console_input.close()
     for platform in platforms:
         stop_platform = getattr(platform, "stop", None)
         if stop_platform is not None:
-            await stop_platform()
+            try:
+                await stop_platform()
+            except Exception:
+                log.exception("stopping %s failed", platform.name)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await engine.close(timeout=STOP_TIMEOUT)
-    await asyncio.wait_for(core.drain(), timeout=30)
-    await store.close()
     stopper.cancel()
+    # Queued jobs stay queued in the store; the running one finishes, or is stopped and retried at the next start.
+    await engine.close(timeout=stop_timeout)
+    try:
+        await asyncio.wait_for(core.drain(), timeout=DRAIN_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("some pictures were not delivered before the stop; they are sent at the next start")
+    await store.close()
+    if metrics_server is not None:
+        metrics_server.close()
     say("stopped")
     return exit_code

@@ -15,9 +15,13 @@ and evicts everything after each request (shared notes, performance.md §4). Her
   unit k's forward waits (on the GPU, not the host) for its copy, and the slot is refilled with the next streamed
   unit as soon as unit k's kernels are queued, ordered after them by an event. The ring runs on across denoising
   steps, so the next step's first units arrive while the current step finishes.
-- Upcasting stays DiffSynth's: its `AutoWrappedLinear` casts the weight to bf16 right before the matmul; since the
-  weight already sits on the GPU, that cast runs on the GPU. Tiny wrapped layers (norm scales) are kept in the compute
-  dtype instead, which skips DiffSynth's per-call deep copy of the module (the values are the same: fp8->bf16 is exact).
+- Upcasting stays where DiffSynth does it: its `AutoWrappedLinear` casts the weight to bf16 right before the matmul;
+  since the weight already sits on the GPU, that cast runs on the GPU, through `Upcaster` (a Triton kernel, ≈4x
+  torch's fp8->bf16 copy, checked bit for bit against torch before first use; torch's copy where Triton is missing).
+  Biases and tiny wrapped layers (norm scales) are kept in the compute dtype, which skips a cast kernel per bias and
+  DiffSynth's per-call deep copy of norm modules (same values: fp8->bf16 is exact).
+- The plan is made from the device-wide peak (what nvidia-smi shows: CUDA context, cuBLAS/cuDNN workspaces and the
+  allocator's cache included) sampled during the calibration generation, so the budget holds for the whole card.
 
 `synchronous=True` runs the same code with blocking copies on the compute stream and no prefetch: the reference
 that the streamed path must match bit for bit (a race would show as a difference).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -51,8 +56,8 @@ ALIGNMENT = 256
 SMALL_WRAPPER_NUMEL = 1 << 16
 """A wrapped non-Linear layer with fewer parameters than this (a norm scale) is kept in the compute dtype."""
 DEFAULT_SLOTS = 2
-DEFAULT_MARGIN_GB = 0.5
-"""Kept free under the budget for allocator fragmentation and kernels loaded after calibration."""
+DEFAULT_MARGIN_GB = 0.35
+"""Kept free under the budget: peaks shorter than the sampling interval, kernels first loaded after calibration."""
 
 
 def _align(nbytes: int) -> int:
@@ -138,10 +143,102 @@ def _device_dtype(wrapper: AutoTorchModule | None, param: torch.Tensor, compute_
     if wrapper is None:
         return compute_dtype
     if isinstance(wrapper, AutoWrappedLinear):
-        return param.dtype
+        return param.dtype if param is wrapper.weight else compute_dtype  # a bias is tiny: no cast per call
     if sum(p.numel() for p in wrapper.parameters()) < SMALL_WRAPPER_NUMEL:
         return compute_dtype
     return param.dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU upcast
+
+
+def fp8_codes_to_bf16_bits(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes (int32 0..255) -> bfloat16 bit patterns (int32), exact: the formula the Triton kernel
+    uses, kept here in torch so that it is tested everywhere. Normal numbers re-bias the exponent (7 -> 127) and
+    widen the mantissa (3 -> 7 bits); subnormals are m * 2^-9; 0x7F/0xFF are NaN (written as torch writes it, 0x7FC0)."""
+    sign = (codes & 0x80) << 8
+    exponent = (codes >> 3) & 0xF
+    mantissa = codes & 0x7
+    normal = ((exponent + 120) << 7) | (mantissa << 4)
+    subnormal = (mantissa.to(torch.float32) * (1.0 / 512)).view(torch.int32) >> 16
+    bits = torch.where(exponent == 0, subnormal, normal) | sign
+    return torch.where((codes & 0x7F) == 0x7F, torch.full_like(codes, 0x7FC0), bits)  # NaN: torch drops the sign
+
+
+def _build_triton_upcast():
+    """A Triton kernel writing bf16 bits from fp8 codes with integer arithmetic (runs on any CUDA GPU Triton supports,
+    also those without fp8 hardware), or None when Triton is unavailable."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def upcast_kernel(src, dst, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        codes = tl.load(src + offsets, mask=mask, other=0).to(tl.int32)
+        sign = (codes & 0x80) << 8
+        exponent = (codes >> 3) & 0xF
+        mantissa = codes & 0x7
+        normal = ((exponent + 120) << 7) | (mantissa << 4)
+        subnormal = (mantissa.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True) >> 16
+        bits = tl.where(exponent == 0, subnormal, normal) | sign
+        bits = tl.where((codes & 0x7F) == 0x7F, 0x7FC0, bits)
+        tl.store(dst + offsets, bits.to(tl.int16), mask=mask)
+
+    block = 8192
+
+    def upcast(source: torch.Tensor, out: torch.Tensor) -> None:
+        n = source.numel()
+        upcast_kernel[(triton.cdiv(n, block),)](source.view(torch.uint8), out.view(torch.int16), n, BLOCK=block,
+                                                 num_warps=8)
+
+    return upcast
+
+
+class Upcaster:
+    """Replaces DiffSynth's `AutoWrappedLinear.cast_to(weight, dtype, device)` for the streamed models: returns the
+    tensor itself when it already has the dtype and device (the bf16 biases), uses the Triton kernel for contiguous
+    fp8 -> bf16 on a GPU, and torch's copy otherwise (identical results: the kernel is checked on all 256 codes)."""
+
+    def __init__(self):
+        self._kernel = None
+        self._checked = False
+
+    def _fast_kernel(self):
+        if not self._checked:
+            self._checked = True
+            try:
+                kernel = _build_triton_upcast()
+                if kernel is not None:
+                    codes = torch.arange(256, dtype=torch.int32, device="cuda").to(torch.uint8)
+                    fp8 = codes.view(torch.float8_e4m3fn)
+                    out = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+                    kernel(fp8, out)
+                    expected = fp8.to(torch.bfloat16)
+                    if torch.equal(out.view(torch.int16), expected.view(torch.int16)):
+                        self._kernel = kernel
+                    else:
+                        log.warning("Triton fp8 upcast disagrees with torch; using torch's copy")
+            except Exception as exc:  # no compiler, unsupported GPU, ...: the torch copy is always right
+                log.info("Triton fp8 upcast unavailable (%s); using torch's copy", exc)
+        return self._kernel
+
+    def __call__(self, weight: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+        target = torch.device(device)
+        if weight.dtype == dtype and weight.device.type == target.type:
+            return weight
+        if (weight.dtype == torch.float8_e4m3fn and dtype == torch.bfloat16 and weight.is_cuda
+                and target.type == "cuda" and weight.is_contiguous() and self._fast_kernel() is not None):
+            out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+            self._kernel(weight, out)
+            return out
+        out = torch.empty_like(weight, dtype=dtype, device=device)
+        out.copy_(weight)
+        return out
 
 
 class SlotPool:
@@ -262,12 +359,15 @@ class ModelStreamer:
 
         # DiffSynth's wrappers: "prepared" for good, with the dtype their weights have on the GPU, and the model out of
         # the pipeline's load_models_to_device() (which would move these weights back to the CPU after each stage).
+        upcaster = Upcaster()
         for module in model.modules():
             if isinstance(module, AutoTorchModule):
                 params = list(module.parameters())
                 module.state = 2
                 module.preparing_device = module.computation_device
                 module.preparing_dtype = params[0].dtype if params else module.computation_dtype
+                if isinstance(module, AutoWrappedLinear):
+                    module.cast_to = upcaster  # instance attribute: DiffSynth's computation() calls self.cast_to
         model.vram_management_enabled = False
 
     # -- state ---------------------------------------------------------------------------------------------------------
@@ -436,17 +536,51 @@ def choose_resident(unit_bytes: Sequence[int], allowance: int) -> frozenset[int]
     return frozenset(chosen)
 
 
+class DevicePeak:
+    """Samples device-wide used memory (total - free, as nvidia-smi counts it) from a thread every `interval` s while
+    in the `with` block; `peak` is the largest value seen."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="device-peak", daemon=True)
+
+    def sample(self) -> None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        self.peak = max(self.peak, total - free)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "DevicePeak":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """What calibration measured and what the plan decided (bytes unless named otherwise)."""
 
     budget: int
+    device_peak: int
+    """Device-wide used memory at its peak during one calibration generation with nothing resident: what the plan
+    subtracts from the budget."""
     context: int
-    """Device memory used outside PyTorch's allocator (CUDA context, kernels), measured."""
+    """Device memory used outside PyTorch's allocator after calibration (CUDA context, kernels)."""
     persistent: int
     """Allocated by weights that never move (globals, CLIP, VAE decoder) and the slot buffers."""
     working: int
-    """Peak allocated above `persistent` during one calibration generation, with nothing resident."""
+    """Peak allocated above `persistent` during the calibration generation."""
     margin: int
     allowance: int
     dit_resident: int
@@ -508,6 +642,18 @@ class PipelineStreaming:
         for streamer in (self.dit, self.t5):
             streamer.reset()
 
+    def set_fp8_compute(self, enabled: bool) -> None:
+        """Opt-in: the DiT's linears multiply in float8 (DiffSynth's own `fp8_linear`, torch._scaled_mm) instead of
+        upcasting their weights to bf16. Needs compute capability 8.9 or 9.0 (Ada, Hopper); changes the pictures
+        slightly (activations are rounded to float8 too)."""
+        if enabled and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise RuntimeError("float8 compute needs a GPU of compute capability 8.9 or newer (RTX 40xx, H100)")
+        fp8 = torch.float8_e4m3fn
+        for module in self.dit.model.modules():
+            if isinstance(module, AutoWrappedLinear) and module.preparing_dtype == fp8:
+                module.computation_dtype = fp8 if enabled else self.dit.compute_dtype
+                module.enable_fp8 = enabled
+
     @property
     def host_bytes(self) -> int:
         return sum(s.host_memory.nbytes for s in self.streamers)
@@ -518,7 +664,8 @@ class PipelineStreaming:
 
     def plan(self, budget_gb: float, calibrate: Callable[[], None], *, margin_gb: float = DEFAULT_MARGIN_GB) -> MemoryReport:
         """Measure one generation with nothing resident, then keep as many units resident as the budget allows:
-        DiT units first (used every step), T5 units with what is left."""
+        DiT units first (used every step), T5 units with what is left. Resident weights add to every phase's peak
+        one for one, so allowance = budget - device-wide peak of the calibration run - margin."""
         if self.device.type != "cuda":
             raise RuntimeError("planning needs a CUDA device")
         self.dit.set_resident(())
@@ -527,21 +674,22 @@ class PipelineStreaming:
         torch.cuda.empty_cache()
         persistent = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        calibrate()
-        torch.cuda.synchronize(self.device)
+        with DevicePeak(self.device) as sampler:
+            calibrate()
+            torch.cuda.synchronize(self.device)
         working = torch.cuda.max_memory_allocated(self.device) - persistent
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         context = total - free - torch.cuda.memory_reserved(self.device)
         budget = int(budget_gb * GIB)
         margin = int(margin_gb * GIB)
-        allowance = budget - context - persistent - working - margin
+        allowance = budget - sampler.peak - margin
         dit = choose_resident(self.dit.unit_bytes, allowance)
         self.dit.set_resident(dit)
         left = allowance - self.dit.resident_bytes
         self.t5.set_resident(choose_resident(self.t5.unit_bytes, left) if len(dit) == len(self.dit.units) else ())
         self.report = MemoryReport(
-            budget=budget, context=context, persistent=persistent, working=working, margin=margin,
+            budget=budget, device_peak=sampler.peak, context=context, persistent=persistent, working=working, margin=margin,
             allowance=allowance, dit_resident=self.dit.resident_bytes, dit_streamed=self.dit.streamed_bytes,
             t5_resident=self.t5.resident_bytes, t5_streamed=self.t5.streamed_bytes, slots=self.pool.count,
             slot_bytes=self.pool.slot_bytes)

@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 from telegram import (
     BotCommand,
+    Chat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Message,
@@ -38,13 +39,14 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType, ParseMode
-from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
+from telegram.error import BadRequest, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
+    ExtBot,
     MessageHandler,
     filters,
 )
@@ -133,6 +135,13 @@ def photo_fits(png: bytes, max_bytes: int) -> tuple[bool, bool]:
         width, height = image.size
     sides_ok = width + height <= MAX_PHOTO_SIDE_SUM and max(width, height) <= MAX_PHOTO_RATIO * min(width, height)
     return sides_ok, len(png) <= max_bytes
+
+
+def chat_kind(chat: Chat) -> str:
+    """`bot.chat.User.chat_kind` for a Telegram chat (supergroups are groups to the core)."""
+    if chat.type == ChatType.PRIVATE:
+        return "private"
+    return "group" if chat.type in (ChatType.GROUP, ChatType.SUPERGROUP) else "channel"
 
 
 def keyboard(buttons: list[Button] | None) -> InlineKeyboardMarkup | None:
@@ -272,13 +281,15 @@ class TelegramPlatform:
     name = "telegram"
 
     def __init__(self, core: ChatCore, settings: TelegramSettings, token: str, *, poll_timeout: int = 30,
-                 max_photo_bytes: int = MAX_PHOTO_BYTES, send_retries: int = SEND_RETRIES):
+                 max_photo_bytes: int = MAX_PHOTO_BYTES, send_retries: int = SEND_RETRIES,
+                 connect_retry: float = 1.0):
         self.core = core
         self.settings = settings
         self.max_photo_bytes = max_photo_bytes
         self.send_retries = send_retries
         self._token = token
         self._poll_timeout = poll_timeout
+        self._connect_retry = connect_retry
         self._redact = _RedactToken(token)
         self._pacers: dict[int, _ChatPacer] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -313,7 +324,7 @@ class TelegramPlatform:
         )
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
-    async def bot(self):
+    async def bot(self) -> ExtBot:
         """The initialized bot. Initialized on first use: the core may deliver pictures from before a restart
         (`ChatCore.recover`) before `run()` starts polling."""
         async with self._init_lock:
@@ -330,8 +341,8 @@ class TelegramPlatform:
 
     async def run(self) -> None:
         """Poll for updates until cancelled. Messages sent while the bot was down are answered too."""
-        bot = await self.bot()
         try:
+            bot = await self._connect()
             await self.application.start()
             assert self.application.updater is not None
             await self.application.updater.start_polling(
@@ -347,6 +358,20 @@ class TelegramPlatform:
             await asyncio.Event().wait()
         finally:
             await self.stop()
+
+    async def _connect(self) -> ExtBot:
+        """The bot, once Telegram answers: at boot the network may come up after the bot does, so connection
+        failures are retried (a refused token is not: that needs the owner)."""
+        delay = self._connect_retry
+        while True:
+            try:
+                return await self.bot()
+            except NetworkError as exc:
+                if isinstance(exc, BadRequest):  # PTB files BadRequest under NetworkError; it is an answer
+                    raise
+                log.warning("cannot reach Telegram (%s); trying again in %.0f s", self._redacted(str(exc)), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     async def stop(self) -> None:
         """Stop polling and close the connection pool; safe to call more than once."""
@@ -419,8 +444,7 @@ class TelegramPlatform:
         message, sender, chat = update.effective_message, update.effective_user, update.effective_chat
         if message is None or sender is None or chat is None or sender.is_bot:
             return None  # channel posts, anonymous admins, other bots
-        kind = ("private" if chat.type == ChatType.PRIVATE else
-                "group" if chat.type in (ChatType.GROUP, ChatType.SUPERGROUP) else "channel")
+        kind = chat_kind(chat)
         user = User(platform="telegram", id=str(sender.id), name=sender.full_name, chat_id=str(chat.id),
                     chat_kind=kind)
         thread_id = message.message_thread_id if message.is_topic_message else None
@@ -451,8 +475,7 @@ class TelegramPlatform:
                 answer = "That button is no longer valid."
             else:
                 chat = query.message.chat
-                kind = ("private" if chat.type == ChatType.PRIVATE else
-                        "group" if chat.type in (ChatType.GROUP, ChatType.SUPERGROUP) else "channel")
+                kind = chat_kind(chat)
                 thread_id = getattr(query.message, "message_thread_id", None) if getattr(
                     query.message, "is_topic_message", False) else None
                 conv = TelegramConversation(self, chat.id, kind, thread_id=thread_id,

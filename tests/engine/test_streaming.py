@@ -105,6 +105,7 @@ def test_dit_weights_stay_float8_in_host_memory_and_run_from_the_slots(stream_pi
     assert seen_in_forward and all(seen_in_forward)
     assert len(seen_in_forward) == 2 * len(streaming.dit.units)  # every block ran from a slot, in both steps
     assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert all(m.bias.dtype == torch.bfloat16 for m in block_linears if m.bias is not None)  # exact fp8 values
     assert all(inside(m.weight, [host_range]) for m in block_linears)  # back in host memory between forwards
     assert all(m.weight.device.type == "cpu" for m in block_linears)
 
@@ -174,3 +175,36 @@ def test_choose_resident_fills_the_allowance_and_spreads_residents(sizes, allowa
         streamed = [i for i in range(len(sizes)) if i not in chosen]
         gaps = [b - a for a, b in zip(streamed, streamed[1:])]
         assert max(gaps) - min(gaps) <= 1
+
+
+def test_fp8_to_bf16_bit_formula_is_exact_for_every_code():
+    """The formula the GPU upcast kernel uses, against torch's own conversion, all 256 codes (NaN bits included)."""
+    from engine.streaming import fp8_codes_to_bf16_bits
+
+    codes = torch.arange(256, dtype=torch.int32)
+    expected = codes.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(fp8_codes_to_bf16_bits(codes).to(torch.int16), expected)
+
+
+def test_upcaster_passes_compute_dtype_through_and_casts_float8_exactly():
+    from engine.streaming import Upcaster
+
+    upcast = Upcaster()
+    bias = torch.randn(8, dtype=torch.bfloat16)
+    assert upcast(bias, torch.bfloat16, "cpu") is bias  # biases are stored in bf16: no copy per call
+    weight = (torch.randn(16, 8) * 0.1).to(torch.float8_e4m3fn)
+    assert torch.equal(upcast(weight, torch.bfloat16, "cpu"), weight.to(torch.bfloat16))
+
+
+def test_opt_in_float8_compute_changes_little_and_switches_back(stream_pipeline, streaming):
+    pipe = stream_pipeline.pipe
+    bf16 = draw(pipe, "a fox, compute dtype check")
+    streaming.set_fp8_compute(True)
+    try:
+        fp8 = draw(pipe, "a fox, compute dtype check")
+        assert np.array_equal(fp8, draw(pipe, "a fox, compute dtype check"))  # deterministic
+    finally:
+        streaming.set_fp8_compute(False)
+    assert not np.array_equal(fp8, bf16)  # activations rounded to float8: really a different computation
+    assert np.abs(fp8.astype(int) - bf16.astype(int)).mean() < 8  # ...but close (of 255)
+    assert np.array_equal(draw(pipe, "a fox, compute dtype check"), bf16)

@@ -65,4 +65,8 @@ def job_view(buttons: Sequence[Button]) -> discord.ui.View | None:
     view = discord.ui.View(timeout=None)
     for item in items[:25]:  # Discord: 5 rows of 5
         view.add_item(item)
+    # Only a layout: presses reach JobButton through the client's dynamic-item registry, so the view must not be
+    # stored per message. A stopped view is sent as components and never stored (and never times out, which
+    # discord.py would otherwise schedule for ephemeral messages).
+    view.stop()
     return view

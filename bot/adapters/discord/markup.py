@@ -20,9 +20,9 @@ def only_user(user_id: int) -> discord.AllowedMentions:
     return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(user_id)], replied_user=False)
 
 
-# Line-start syntax that discord.utils.escape_markdown leaves alone: headings and lists after indentation, and
-# numbered lists ("1. "), which Discord renders since 2023.
-_INDENTED_BLOCK = re.compile(r"^([ \t]+)([#>*-])", re.MULTILINE)
+# Line-start syntax that discord.utils.escape_markdown leaves alone: headings and quotes after indentation, and
+# numbered lists ("1. "), which Discord renders since 2023. ("-" and "*" lists it escapes itself.)
+_INDENTED_BLOCK = re.compile(r"^([ \t]+)([#>])", re.MULTILINE)
 _NUMBERED_LIST = re.compile(r"^([ \t]*\d+)\.(?=\s)", re.MULTILINE)
 
 
