@@ -239,12 +239,25 @@ class ChatCore:
         """Turn engine events into store updates and (throttled) chat edits, then deliver."""
         conv, m = live.conv, live.conv.markup
         last_edit = 0.0
+        held: list[str] = []  # the newest text a throttled edit skipped; shown when the interval has passed
+        flusher: asyncio.Task | None = None
+
+        async def flush_later(delay: float) -> None:
+            await asyncio.sleep(delay)
+            if held:
+                await edit(held.pop(), force=True)
 
         async def edit(text: str, *, force: bool = False) -> None:
-            nonlocal last_edit
+            nonlocal last_edit, flusher
             now = time.monotonic()
-            if live.ack_id is None or text == live.shown or (not force and now - last_edit < conv.progress_interval):
+            if live.ack_id is None or text == live.shown:
                 return
+            if not force and now - last_edit < conv.progress_interval:
+                held[:] = [text]
+                if flusher is None or flusher.done():
+                    flusher = asyncio.create_task(flush_later(conv.progress_interval - (now - last_edit)))
+                return
+            held.clear()
             last_edit, live.shown = now, text
             try:
                 await conv.edit_text(live.ack_id, text)
@@ -301,6 +314,8 @@ class ChatCore:
         except Exception:
             log.exception("following job %s failed", live.record_id)
         finally:
+            if flusher is not None:
+                flusher.cancel()
             self._live.pop(live.record_id, None)
 
     async def deliver(self, record: JobRecord, conv: Conversation, *, png: bytes, seconds: float,

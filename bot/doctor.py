@@ -32,9 +32,9 @@ GIB = 1024**3
 MIN_PYTHON = (3, 11)
 MIN_TORCH = (2, 4)
 
-# Host RAM each mode needs for MajicFLUX, in GiB as the OS reports it: the weights kept in RAM plus ~2.5 GiB for
-# Python, torch and DiffSynth. offload: fp8 DiT 11.1 + bf16 T5 9.1 + CLIP/VAE 0.4 (=20.6); stream: fp8 DiT and T5
-# 15.7; resident: only what loading passes through.
+# Host RAM each mode needs for MajicFLUX, in GiB as the OS reports it: the weights kept in RAM plus ~1.5 GiB for
+# Python, torch and DiffSynth. offload: fp8 DiT 11.1 + bf16 T5 9.1 + CLIP/VAE 0.4 = 20.6; stream: fp8 DiT 11.1 +
+# fp8 T5 4.6 + 0.4 = 16.1; resident: only what loading passes through.
 RAM_NEEDED_GIB = {"offload": 22.0, "stream": 18.0, "resident": 12.0}
 RESIDENT_VRAM_GIB = 24.0
 """`resident` keeps fp8 DiT + bf16 T5/CLIP/VAE (~22 GiB) on the card, plus activations."""
@@ -124,9 +124,9 @@ def probe() -> Facts:
                                 capability=(props.major, props.minor), bf16=props.major >= 8))
         except Exception as exc:
             available, cuda_error = False, f"{type(exc).__name__}: {exc}"
-    if cuda_error is None and not available and caught:
-        cuda_error = str(caught[-1].message)  # e.g. "CUDA initialization: ... driver too old"
-    return Facts(torch_version=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=available,
+    if cuda_error is None and not available:  # torch explains itself in a warning, e.g. "... driver too old"
+        cuda_error = next((str(w.message) for w in reversed(caught) if "cuda" in str(w.message).lower()), None)
+    return Facts(torch_version=str(torch.__version__), torch_cuda=torch.version.cuda, cuda_available=available,
                  gpus=tuple(gpus), cuda_error=cuda_error, **common)
 
 

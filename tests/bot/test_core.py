@@ -200,3 +200,23 @@ async def test_restart_picks_up_queued_jobs_in_order(tiny_settings, store, tiny_
     assert any("still coming" in t for t in new_conv.texts())
     rows = await store.history("console", "alice")
     assert all(r.status == "done" and r.delivered_at for r in rows)
+
+
+async def test_throttled_queue_position_is_shown_once_the_interval_passes(tiny_settings, store, engine):
+    """Positions that change faster than the edit interval must not leave a stale "#3" on screen."""
+    core = core_for(make_config(tiny_settings), store, engine)
+    carol = User("console", "carol", "Carol", chat_id="c3")
+    first, second, third = RecordingConversation("a"), RecordingConversation("b"), RecordingConversation("c")
+    watched = RecordingConversation("d", progress_interval=0.4)
+    await core.on_text(ALICE, first, "/draw long one --steps 50 --size 256x256")
+    await core.on_text(BOB, second, "/draw b --steps 2")
+    await core.on_text(carol, third, "/draw c --steps 2")
+    await core.on_text(User("console", "dave", chat_id="c4"), watched, "/draw d --steps 2")
+    await asyncio.sleep(0.1)
+    await core.cancel(BOB, second)
+    await core.cancel(carol, third)  # two position changes for dave within one interval
+    await asyncio.sleep(1.0)
+    shown = watched.edits[-1][1] if watched.edits else watched.texts()[0]
+    assert "next in line" in shown, watched.edits
+    await core.cancel(ALICE, first)
+    await core.drain()
