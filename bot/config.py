@@ -110,6 +110,8 @@ class DiscordSettings(_Section):
     token_file: Path | None = None
     allowed_guilds: list[int] = []
     """Empty = every guild the bot is in."""
+    allowed_channels: list[int] = []
+    """Empty = every channel of the allowed guilds."""
     allow_dms: bool = True
     dev_guild: int | None = None
     """Sync commands to this guild only (instant, for development)."""

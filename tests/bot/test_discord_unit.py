@@ -25,7 +25,7 @@ from bot.adapters.discord import FAKE_PORT_ENV, ConversationRef, DiscordMarkdown
 from bot.adapters.discord.buttons import JobButton, job_view
 from bot.adapters.discord.commands import CommandSettings, build_tree
 from bot.adapters.discord.conversation import TOKEN_SAFE_SECONDS, TokenExpired
-from bot.adapters.discord.handlers import ADMINS_ONLY, NOT_IN_THIS_SERVER
+from bot.adapters.discord.handlers import ADMINS_ONLY, NOT_IN_THIS_CHANNEL, NOT_IN_THIS_SERVER
 from bot.adapters.discord.sync import SyncState, command_payload, payload_hash
 from bot.chat import Button, Picture
 from bot.commands import SEED_MAX, size_for_ratio
@@ -252,6 +252,23 @@ async def test_a_server_outside_the_allowlist_is_refused_privately_and_nothing_i
     assert allowed.callback_type == 5 and len(rig.engine.jobs) == 1
     [record] = await rig.store.history("discord", str(rig.bob.id))
     assert record.chat_id == str(rig.guild.id)
+
+
+async def test_a_channel_outside_the_allowlist_is_refused_privately(make_rig, tmp_path):
+    rig = await make_rig()
+    art = rig.fake.add_channel(rig.guild, "art")
+    settings = rig.core.config.discord.model_copy(update={"allowed_channels": [art.id]})
+    rig.platform = DiscordPlatform(rig.core, settings, rig.fake.token, state_dir=tmp_path / "channels")
+    await rig.platform.login()
+    try:
+        refused = await rig.command("draw", {"prompt": "a fox"}, user=rig.bob, guild_id=rig.guild,
+                                    channel_id=rig.guild.channel("general"))
+        allowed = await rig.command("draw", {"prompt": "a fox"}, user=rig.bob, guild_id=rig.guild, channel_id=art)
+        await rig.release_jobs()
+    finally:
+        await rig.platform.stop()
+    assert refused.original.ephemeral and refused.original.content == NOT_IN_THIS_CHANNEL
+    assert allowed.callback_type == 5 and len(rig.engine.jobs) == 1
 
 
 async def test_personal_commands_answer_ephemerally(make_rig):

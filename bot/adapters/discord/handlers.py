@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PLATFORM = "discord"
 NOT_IN_DMS = "I only draw in servers, not in direct messages."
 NOT_IN_THIS_SERVER = "This bot is not enabled in this server."
+NOT_IN_THIS_CHANNEL = "I only draw in the channels the server's owner picked for me - try another channel."
 ADMINS_ONLY = "Only the bot's admins can use this."
 SOMETHING_WENT_WRONG = "Sorry, something went wrong with that command. Please try again."
 _STATUS_ICONS = {"queued": "⏳", "running": "🎨"}
@@ -51,11 +52,13 @@ class DiscordHandlers:
                     chat_kind="group" if guild_id is not None else "private")
 
     def refusal_for_place(self, interaction: discord.Interaction) -> str | None:
-        """Why the bot does not answer here (config: allow_dms, allowed_guilds), or None."""
+        """Why the bot does not answer here (config: allow_dms, allowed_guilds, allowed_channels), or None."""
         if interaction.guild_id is None:
             return None if self.settings.allow_dms else NOT_IN_DMS
         if self.settings.allowed_guilds and interaction.guild_id not in self.settings.allowed_guilds:
             return NOT_IN_THIS_SERVER
+        if self.settings.allowed_channels and interaction.channel_id not in self.settings.allowed_channels:
+            return NOT_IN_THIS_CHANNEL
         return None
 
     def conversation(self, interaction: discord.Interaction, *, ephemeral: bool) -> DiscordConversation:
