@@ -164,11 +164,19 @@ class Bench:
     def _engine_generation(self, label: str, pipeline, prompt: str, size: int, steps: int | None = None) -> tuple[dict, bytes]:
         from engine.jobs import GenerationRequest
 
+        from PIL import Image
+
+        from engine.png import encode_png, read_parameters
+
         request = GenerationRequest(prompt, SEED, steps or self.args.steps, size, size)
         out: dict = {}
         result = self.timed_generation(label, lambda clock: out.setdefault(
             "result", pipeline.generate(request, clock.on_step)))
-        return result, out["result"].png
+        png = out["result"].png
+        started = time.perf_counter()  # the engine's decode phase includes PNG encoding: time it apart
+        encode_png(Image.open(io.BytesIO(png)).convert("RGB"), read_parameters(png) or "")
+        result["png_s"] = time.perf_counter() - started
+        return result, png
 
     def part_offload(self) -> None:
         for budget in self.args.budgets[: None if self.args.offload_all_budgets else 1]:
@@ -192,14 +200,17 @@ class Bench:
         pipeline = self._engine("stream", budgets[0], self.args.sizes[0])
         load_s = time.perf_counter() - started
         streaming = pipeline.streaming
-        self.info["stream_host"] = {"host_gib": streaming.host_bytes / GIB, "pinned_gib": streaming.pinned_bytes / GIB}
+        self.info["stream_host"] = {"host_gib": streaming.host_bytes / GIB, "pinned_gib": streaming.pinned_bytes / GIB,
+                                    "load_peak_rss_gib": self.poller.peaks("stream:load")["rss"],
+                                    "rss_after_load_gib": measure.rss_gib(), "load_s": load_s}
         for number, budget in enumerate(budgets):
             if number and not self.tiny:  # same load, new budget: cap the allocator again, re-plan (the engine's planner)
                 card = measure.emulate_card(budget)
                 size0 = self.args.sizes[0]
                 streaming.plan(budget, lambda: pipeline.pipe(prompt="calibration", seed=0, num_inference_steps=1,
                                                              width=size0, height=size0,
-                                                             progress_bar_cmd=lambda t: t))
+                                                             progress_bar_cmd=lambda t: t),
+                               width=size0, height=size0)
             plan = streaming.report.as_dict() if streaming.report else {}
             for size in self.args.sizes:
                 prompt = self.new_prompt()
@@ -363,7 +374,7 @@ def format_table(rows: list[dict], info: dict) -> str:
     resident_step = {r["size"]: r["step_median_s"] for r in rows if r["case"].startswith("(a)")}
     diffusers_step = {(r["budget"], r["size"]): r["step_median_s"] for r in rows if r["case"].startswith("(c)")}
     diffsynth_total = {(r["budget"], r["size"]): r["total_s"] for r in rows if r["case"].startswith("(b)")}
-    header = ("case", "GB", "res", "total s", "text s", "s/step", "1st step", "decode s", "alloc", "reserved",
+    header = ("case", "GB", "res", "total s", "text s", "s/step", "1st step", "decode(+png) s", "alloc", "reserved",
               "NVML peak", "RSS", "pinned", "floor s", "vs floor", "vs (c)", "vs (b)")
     lines = []
     for r in rows:
@@ -377,7 +388,8 @@ def format_table(rows: list[dict], info: dict) -> str:
         if r.get("total_s") and (r["budget"], r["size"]) in diffsynth_total and not r["case"].startswith("(b)"):
             vs_b = diffsynth_total[(r["budget"], r["size"])] / r["total_s"]
         lines.append((r["case"], _fmt(r.get("budget")), _fmt(r["size"]), _fmt(r.get("total_s")), _fmt(r.get("text_s"), 3),
-                      _fmt(step, 3), _fmt(r.get("first_step_s"), 3), _fmt(r.get("decode_s"), 3),
+                      _fmt(step, 3), _fmt(r.get("first_step_s"), 3),
+                      _fmt(r.get("decode_s"), 3) + (f" ({_fmt(r['png_s'], 2)})" if r.get("png_s") else ""),
                       _fmt(r.get("alloc_gib")), _fmt(r.get("reserved_gib")), _fmt(r.get("nvml_gib")),
                       _fmt(r.get("rss_gib"), 1), _fmt(r.get("pinned_gib"), 1), _fmt(floor, 3),
                       _fmt(vs_floor), _fmt(vs_c), ("%.1fx" % vs_b) if vs_b else "-"))
@@ -393,7 +405,9 @@ def format_table(rows: list[dict], info: dict) -> str:
         notes.append("ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in ceilings.items() if not k.endswith("error")))
     for r in rows:
         if r["case"] == "(d) drawbot stream":
-            notes.append(f"stream {r['budget']} GB {r['size']}²: DiT resident {r['resident_units']}/{r['units']} units "
+            plan = r.get("plan") or {}
+            notes.append(f"stream {r['budget']} GB {r['size']}²: decode tiled {plan.get('decode_tiled')}, "
+                         f"DiT resident {r['resident_units']}/{r['units']} units "
                          f"({_fmt(r['resident_gib'])} GiB), streamed {_fmt(r['streamed_gib'])} GiB/step, T5 streamed "
                          f"{_fmt(r['t5_streamed_gib'])} GiB, text on a repeated prompt {_fmt(r['text_cached_s'], 4)} s, "
                          f"NVML text/denoise/decode {_fmt(r['nvml_text_gib'])}/{_fmt(r['nvml_denoise_gib'])}/"

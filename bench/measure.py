@@ -16,6 +16,10 @@ import torch
 GIB = 1024**3
 
 
+def rss_gib() -> float:
+    return psutil.Process().memory_info().rss / GIB
+
+
 def cuda() -> bool:
     return torch.cuda.is_available()
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dtm
 import io
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+import warnings
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
@@ -445,20 +447,14 @@ def test_html_markup_and_length_limits():
     assert cut.startswith("🦊&🦊&")
 
 
-@pytest.mark.parametrize("timedelta_env", ["true", None])
-def test_retry_after_is_read_as_int_or_timedelta(monkeypatch, timedelta_env):
-    if timedelta_env:
-        monkeypatch.setenv("PTB_TIMEDELTA", timedelta_env)
+@pytest.mark.parametrize("opt_in, kind", [("true", dtm.timedelta), (None, int)])
+def test_retry_after_is_read_as_int_or_timedelta(monkeypatch, opt_in, kind):
+    if opt_in:
+        monkeypatch.setenv("PTB_TIMEDELTA", opt_in)
     else:
         monkeypatch.delenv("PTB_TIMEDELTA", raising=False)
-    with warnings_ignored():
-        assert retry_after_seconds(RetryAfter(3)) == 3.0
-
-
-@contextlib.contextmanager
-def warnings_ignored() -> Callable:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PTB warns that int periods are deprecated
-        yield
+        error = RetryAfter(3)
+        assert isinstance(error.retry_after, kind)
+        assert retry_after_seconds(error) == 3.0

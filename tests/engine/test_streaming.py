@@ -208,3 +208,15 @@ def test_opt_in_float8_compute_changes_little_and_switches_back(stream_pipeline,
     assert not np.array_equal(fp8, bf16)  # activations rounded to float8: really a different computation
     assert np.abs(fp8.astype(int) - bf16.astype(int)).mean() < 8  # ...but close (of 255)
     assert np.array_equal(draw(pipe, "a fox, compute dtype check"), bf16)
+
+
+def test_tiled_decode_switch_reaches_the_vae(stream_pipeline, streaming):
+    pipe = stream_pipeline.pipe
+    untiled = draw(pipe, "a fox, decode check")
+    streaming.decode_tiles = (4, 2)  # latent pixels: the 64² test picture is 8x8 latent, so 9 overlapping tiles
+    try:
+        tiled = draw(pipe, "a fox, decode check")
+    finally:
+        streaming.decode_tiles = None
+    assert tiled.shape == untiled.shape and not np.array_equal(tiled, untiled)
+    assert np.array_equal(draw(pipe, "a fox, decode check"), untiled)
