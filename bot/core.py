@@ -283,8 +283,11 @@ class ChatCore:
                 result: GenerationResult = await live.engine_job.wait()
             except JobCancelled:
                 if self._stopping and not live.user_cancelled:
+                    # Stopped on purpose by a graceful shutdown: back in the queue without using up its one
+                    # crash retry. It is picked up, in order, at the next start.
+                    await self.store.return_to_queue(live.record_id)
                     log.info("kept job=%s for the next start", live.record_id)
-                    return  # shut down under it: the row stays queued/running and is picked up at the next start
+                    return
                 self.metrics.finished("cancelled")
                 log.info("cancelled job=%s platform=%s user=%s", live.record_id, conv.platform, live.user_id)
                 await self.store.mark_cancelled(live.record_id)

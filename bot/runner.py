@@ -255,6 +255,13 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
     await core.stop_accepting()
     if console_input is not None:
         console_input.close()
+    # Queued jobs stay queued in the store; the running one finishes, or is stopped and retried at the next start.
+    # Platforms stay connected meanwhile, so a picture that finishes in the stop window is still delivered.
+    await engine.close(timeout=stop_timeout)
+    try:
+        await asyncio.wait_for(core.drain(), timeout=DRAIN_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("some pictures were not delivered before the stop; they are sent at the next start")
     for platform in platforms:
         stop_platform = getattr(platform, "stop", None)
         if stop_platform is not None:
@@ -266,12 +273,6 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()
-    # Queued jobs stay queued in the store; the running one finishes, or is stopped and retried at the next start.
-    await engine.close(timeout=stop_timeout)
-    try:
-        await asyncio.wait_for(core.drain(), timeout=DRAIN_TIMEOUT)
-    except asyncio.TimeoutError:
-        log.warning("some pictures were not delivered before the stop; they are sent at the next start")
     await store.close()
     if metrics_server is not None:
         metrics_server.close()

@@ -464,6 +464,15 @@ class Store:
                 (self._clock(), job_id),
             ) == 1
 
+    async def return_to_queue(self, job_id: str) -> bool:
+        """running -> queued without counting a restart attempt: the bot stopped it on purpose (graceful stop).
+        False (and no change) if the job is unknown or not running."""
+        async with self._write():
+            return await self._update(
+                "UPDATE jobs SET status = 'queued', started_at = NULL WHERE id = ? AND status = 'running'",
+                (job_id,),
+            ) == 1
+
     async def mark_done(self, job_id: str, png: bytes, *, duration: float, seconds_per_step: float | None) -> Path:
         """Store the picture as `<images_dir>/<job id>.png` and mark the job done; returns the file's path.
 

@@ -181,11 +181,15 @@ async def test_restart_picks_up_queued_jobs_in_order(tiny_settings, store, tiny_
     conv = RecordingConversation()
     for n in range(3):
         await core1.on_text(ALICE, conv, f"/draw job {n} --steps 40")
+    while (await store.history("console", "alice"))[-1].status != "running":
+        await asyncio.sleep(0.01)  # job 0 is being drawn when the stop comes
     await core1.stop_accepting()
     await engine1.close(timeout=0)
     await core1.drain()
     left = await store.unfinished_jobs()
     assert [r.prompt for r in left] == ["job 0", "job 1", "job 2"]
+    # The job the stop interrupted is queued again without using up its crash retry.
+    assert [(r.status, r.attempts) for r in left] == [("queued", 0)] * 3
     # Second life on the same database: all three are drawn and delivered once, in order.
     engine2 = Engine(lambda: tiny_pipeline)
     await engine2.start()

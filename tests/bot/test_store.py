@@ -732,3 +732,19 @@ async def test_prune_removes_stale_temporaries_only(store, images_dir):
     os.utime(stale, (0, 0))
     await store.prune_images(keep_days=0, keep_count=0)
     assert not stale.exists() and fresh.exists()
+
+
+async def test_return_to_queue_does_not_count_a_restart_attempt(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
+    try:
+        admission = await store.admit(
+            NewJob(platform="console", user_id="u", chat_id="c", prompt="p", seed=1, steps=2, width=64, height=64),
+            LimitSettings(cooldown_seconds=0), is_admin=False, is_banned=False)
+        job_id = admission.job_id
+        assert await store.return_to_queue(job_id) is False  # only a running job can go back
+        await store.mark_running(job_id)
+        assert await store.return_to_queue(job_id) is True
+        record = await store.get_job(job_id)
+        assert (record.status, record.attempts, record.started_at) == ("queued", 0, None)
+    finally:
+        await store.close()
