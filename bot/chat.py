@@ -82,6 +82,8 @@ class Conversation(Protocol):
     markup: Markup
     progress_interval: float
     """Seconds between progress edits (platform flood limits)."""
+    typed_options: bool
+    """True where /draw has typed options (Discord slash commands) rather than text flags; read with a False default."""
 
     def ref(self) -> dict: ...
 

@@ -381,7 +381,8 @@ class ChatCore:
     async def help(self, user: User, conv: Conversation) -> None:
         e = self.config.engine
         await conv.send_text(replies.help_text(conv.markup, min_steps=e.min_steps, max_steps=e.max_steps,
-                                               default_steps=e.default_steps, is_test_model=self.is_test_model))
+                                               default_steps=e.default_steps, is_test_model=self.is_test_model,
+                                               typed_options=getattr(conv, "typed_options", False)))
 
     async def history(self, user: User, conv: Conversation, limit: int = 10) -> None:
         m = conv.markup
@@ -444,30 +445,38 @@ class ChatCore:
                                       "You have nothing waiting or drawing."))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def _conversation_of(self, record: JobRecord) -> Conversation | None:
+        platform = self._platforms.get(record.platform)
+        if platform is None:
+            log.warning("job %s belongs to %s, which is not running now; left for later", record.id, record.platform)
+            return None
+        try:
+            return platform.conversation((record.reply_ref or {}).get("conv", {}))
+        except Exception:
+            log.exception("cannot rebuild the conversation of job %s", record.id)
+            return None
+
+    async def _deliver_stored(self, record: JobRecord, conv: Conversation) -> None:
+        """Deliver a picture that was finished earlier (before a restart, or while the network was down)."""
+        png = record.image_path.read_bytes() if record.image_path and record.image_path.is_file() else None
+        if png is None:
+            await self.store.mark_failed(record.id, "the picture file was lost")
+            return
+        await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
+                           notice=replies.TEST_MODEL_NOTICE if self.is_test_model else None,
+                           path=str(record.image_path))
+
     async def recover(self) -> int:
         """After a (re)start: queue again what was accepted but not finished, deliver what was finished but not
         delivered, in the original order. Returns how many jobs were picked up."""
         picked = 0
         for record in await self.store.unfinished_jobs():
-            platform = self._platforms.get(record.platform)
-            if platform is None:
-                log.warning("job %s belongs to %s, which is not running now; left for later", record.id, record.platform)
-                continue
-            ref = record.reply_ref or {}
-            try:
-                conv = platform.conversation(ref.get("conv", {}))
-            except Exception:
-                log.exception("cannot rebuild the conversation of job %s", record.id)
+            conv = self._conversation_of(record)
+            if conv is None:
                 continue
             picked += 1
             if record.status == "done":
-                png = record.image_path.read_bytes() if record.image_path and record.image_path.is_file() else None
-                if png is None:
-                    await self.store.mark_failed(record.id, "the picture file was lost")
-                    continue
-                await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
-                                   notice=replies.TEST_MODEL_NOTICE if self.is_test_model else None,
-                                   path=str(record.image_path))
+                await self._deliver_stored(record, conv)
                 continue
             if record.status == "running":
                 record = await self.store.requeue_after_restart(record.id)
@@ -479,6 +488,20 @@ class ChatCore:
             if live is not None:
                 live.ack_id = await self._safe_send(conv, replies.restarted_still_coming(conv.markup, record.prompt))
         return picked
+
+    async def housekeeping(self) -> None:
+        """Run now and then: retry deliveries that gave up (the network was down for a while) and delete pictures
+        past the retention limits (never undelivered ones)."""
+        for record in await self.store.unfinished_jobs():
+            if record.status == "done" and record.id not in self._live:
+                conv = self._conversation_of(record)
+                if conv is not None:
+                    await self._deliver_stored(record, conv)
+        storage = self.config.storage
+        pruned = await self.store.prune_images(keep_days=storage.keep_images_days, keep_count=storage.keep_images_count)
+        if pruned:
+            log.info("deleted %d old picture(s) (retention: %d days, %d pictures)", pruned, storage.keep_images_days,
+                     storage.keep_images_count)
 
     async def drain(self) -> None:
         """Wait until every job this process follows is finished and delivered (console end of input)."""

@@ -26,14 +26,26 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def help_text(m: Markup, *, min_steps: int, max_steps: int, default_steps: int, is_test_model: bool) -> str:
+def help_text(m: Markup, *, min_steps: int, max_steps: int, default_steps: int, is_test_model: bool,
+              typed_options: bool = False) -> str:
+    """`typed_options`: the platform has slash commands with typed options (Discord), not text flags."""
+    if typed_options:
+        usage = [
+            m.escape("/draw prompt: [seed:] [steps:] [size:] [png:]") + m.escape(" - draw a picture, e.g. ")
+            + m.code("/draw prompt: a red fox in the snow"),
+        ]
+    else:
+        usage = [
+            m.escape("/draw <prompt> [seed] [steps]") + m.escape(" - draw a picture. Examples:"),
+            *(m.code(e) for e in EXAMPLES),
+            m.escape("Options: --seed N, --steps N, --ar 16:9 or --size portrait/landscape/square, "
+                     "--png for the lossless file."),
+        ]
     lines = [
-        m.bold("drawbot") + " draws pictures with Flux on its owner's GPU.",
+        m.bold("drawbot") + m.escape(" draws pictures with Flux on its owner's GPU."),
         "",
-        m.escape("/draw <prompt> [seed] [steps]") + " - draw a picture. Examples:",
-        *(m.code(e) for e in EXAMPLES),
+        *usage,
         m.escape(f"Seed: 0..4294967295 (random if left out). Steps: {min_steps}..{max_steps} (default {default_steps})."),
-        m.escape("Options: --seed N, --steps N, --ar 16:9 or --size portrait/landscape/square, --png for the lossless file."),
         "",
         m.escape("/history - your last pictures, to draw one again"),
         m.escape("/usage - how many pictures you may still ask for"),

@@ -27,6 +27,7 @@ from bot.store import Store
 
 log = logging.getLogger(__name__)
 
+HOUSEKEEPING_INTERVAL = 300.0  # seconds between delivery retries / retention sweeps
 STOP_TIMEOUT = 60.0  # seconds a running picture may take to finish on SIGTERM (the unit's TimeoutStopSec is larger)
 ENGINE_GRACE = 30.0  # engine.worker.Engine.close waits this long past the timeout for the job to reach a step boundary
 DRAIN_TIMEOUT = 15.0  # seconds for deliveries still in flight at stop; an undelivered picture is sent at the next start
@@ -216,6 +217,16 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
             loop.remove_signal_handler(sig)
 
 
+async def _housekeeping(core: ChatCore) -> None:
+    """Retry given-up deliveries and apply picture retention, at start and then every few minutes."""
+    while True:
+        try:
+            await core.housekeeping()
+        except Exception:
+            log.exception("housekeeping failed; trying again later")
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+
+
 async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms: list, stop: asyncio.Event, *,
                  stop_timeout: float, metrics: Metrics, console_input: InterruptibleLines | None) -> int:
     """From recovery to a stopped, fully persisted bot."""
@@ -229,6 +240,7 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
                       config.metrics.port, exc.strerror or exc)
 
     tasks: list[asyncio.Task] = []
+    housekeeper: asyncio.Task | None = None
     stopper = asyncio.create_task(stop.wait())
     exit_code = 0
     try:
@@ -236,6 +248,7 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
         if recovered:
             log.info("picked up %d job(s) from before the restart", recovered)
         say("ready: " + ", ".join(p.name for p in platforms))
+        housekeeper = asyncio.create_task(_housekeeping(core), name="housekeeping")
         tasks = [asyncio.create_task(p.run(), name=f"platform-{p.name}") for p in platforms]
         pending = set(tasks)
         # Run until a signal, or until every platform has ended (the console at end of input), or one crashes.
@@ -252,6 +265,8 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
         exit_code = 1
 
     log.info("stopping: no new jobs; the running one may finish within %.0f s", stop_timeout)
+    if housekeeper is not None:
+        housekeeper.cancel()
     await core.stop_accepting()
     if console_input is not None:
         console_input.close()

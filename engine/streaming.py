@@ -90,21 +90,26 @@ def _unregister(pointer: int) -> None:
 
 
 class HostMemory:
-    """One flat uint8 host allocation, page-locked when `pin` (cudaHostRegister of exactly `nbytes`; torch's
+    """One flat uint8 host allocation, page-locked by `pin()` (cudaHostRegister of exactly `nbytes`; torch's
     `pin_memory()` would round every block up to a power of two, up to 1.5x the host RAM for these sizes)."""
 
-    def __init__(self, nbytes: int, *, pin: bool):
+    def __init__(self, nbytes: int):
         self.nbytes = nbytes
         self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.pinned = False
-        if pin and nbytes:
-            error = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0))
-            if error == 0:
-                self.pinned = True
-                weakref.finalize(self, _unregister, self.tensor.data_ptr())
-            else:  # e.g. a locked-memory limit (WSL): still correct, only slower copies
-                log.warning("could not page-lock %.1f GiB of host memory (cudaError %d); copies will be slower",
-                            nbytes / GIB, error)
+
+    def pin(self) -> None:
+        """Page-lock, once filled: registering touches every page, so pinning first would hold the buffer and the
+        weights it is filled from at the same time."""
+        if self.pinned or not self.nbytes:
+            return
+        error = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0))
+        if error == 0:
+            self.pinned = True
+            weakref.finalize(self, _unregister, self.tensor.data_ptr())
+        else:  # e.g. a locked-memory limit (WSL): still correct, only slower copies
+            log.warning("could not page-lock %.1f GiB of host memory (cudaError %d); copies will be slower",
+                        self.nbytes / GIB, error)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -180,9 +185,10 @@ def fp8_codes_to_bf16_bits(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 0x7F) == 0x7F, torch.full_like(codes, 0x7FC0), bits)  # NaN: torch drops the sign
 
 
-def _build_triton_upcast():
-    """A Triton kernel writing bf16 bits from fp8 codes with integer arithmetic (runs on any CUDA GPU Triton supports,
-    also those without fp8 hardware), or None when Triton is unavailable."""
+def _build_triton_upcast(*, autotune: bool = True):
+    """A Triton kernel writing bf16 bits from fp8 codes (runs on any CUDA GPU Triton supports, also those without
+    fp8 hardware), or None when Triton is unavailable. Two variants, picked per tensor size by Triton's autotuner:
+    the integer formula above, or a 256-entry lookup table (fewer instructions, gathers from L1)."""
     try:
         import triton
         import triton.language as tl
@@ -190,25 +196,41 @@ def _build_triton_upcast():
         return None
 
     @triton.jit
-    def upcast_kernel(src, dst, n, BLOCK: tl.constexpr):
+    def upcast_kernel(src, dst, table, n, BLOCK: tl.constexpr, USE_TABLE: tl.constexpr):
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         codes = tl.load(src + offsets, mask=mask, other=0).to(tl.int32)
-        sign = (codes & 0x80) << 8
-        exponent = (codes >> 3) & 0xF
-        mantissa = codes & 0x7
-        normal = ((exponent + 120) << 7) | (mantissa << 4)
-        subnormal = (mantissa.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True) >> 16
-        bits = tl.where(exponent == 0, subnormal, normal) | sign
-        bits = tl.where((codes & 0x7F) == 0x7F, 0x7FC0, bits)
-        tl.store(dst + offsets, bits.to(tl.int16), mask=mask)
+        if USE_TABLE:
+            bits = tl.load(table + codes)
+        else:
+            sign = (codes & 0x80) << 8
+            exponent = (codes >> 3) & 0xF
+            mantissa = codes & 0x7
+            normal = ((exponent + 120) << 7) | (mantissa << 4)
+            subnormal = (mantissa.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True) >> 16
+            bits = tl.where(exponent == 0, subnormal, normal) | sign
+            bits = tl.where((codes & 0x7F) == 0x7F, 0x7FC0, bits).to(tl.int16)
+        tl.store(dst + offsets, bits, mask=mask)
 
-    block = 8192
+    configs = [triton.Config({"BLOCK": block, "USE_TABLE": table}, num_warps=warps)
+               for block, warps in ((2048, 4), (4096, 4), (8192, 8), (16384, 8)) for table in (False, True)]
+    if autotune:
+        try:  # short tuning runs: one per distinct weight size (about a dozen), at the first generation
+            kernel = triton.autotune(configs=configs, key=["n"], warmup=5, rep=20)(upcast_kernel)
+        except TypeError:  # a Triton without these arguments
+            kernel = triton.autotune(configs=configs, key=["n"])(upcast_kernel)
+    else:
+        kernel = upcast_kernel
+    tables: dict[torch.device, torch.Tensor] = {}
 
-    def upcast(source: torch.Tensor, out: torch.Tensor) -> None:
+    def upcast(source: torch.Tensor, out: torch.Tensor, **meta) -> None:
+        table = tables.get(source.device)
+        if table is None:
+            codes = torch.arange(256, dtype=torch.int32)
+            table = tables[source.device] = fp8_codes_to_bf16_bits(codes).to(torch.int16).to(source.device)
         n = source.numel()
-        upcast_kernel[(triton.cdiv(n, block),)](source.view(torch.uint8), out.view(torch.int16), n, BLOCK=block,
-                                                 num_warps=8)
+        kernel[lambda m: (triton.cdiv(n, m["BLOCK"]),)](source.view(torch.uint8), out.view(torch.int16), table, n,
+                                                        **meta)
 
     return upcast
 
@@ -348,7 +370,7 @@ class ModelStreamer:
 
         # Pack all units into one host allocation, unit by unit, dropping each original tensor once copied, so the
         # host holds little more than one copy at any time.
-        self.host_memory = HostMemory(sum(u.nbytes for u in self.units), pin=pin)
+        self.host_memory = HostMemory(sum(u.nbytes for u in self.units))
         start = 0
         for unit in self.units:
             unit.host = self.host_memory.tensor[start:start + unit.nbytes]
@@ -358,6 +380,8 @@ class ModelStreamer:
             unit.point(unit.host_views)
             start += unit.nbytes
             _return_freed_host_memory()  # unit by unit: the host never holds much more than one copy
+        if pin:
+            self.host_memory.pin()
 
         # Everything outside the units stays on the GPU for good.
         self.global_bytes = 0

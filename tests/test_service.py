@@ -274,12 +274,13 @@ async def test_stop_timeout_leaves_the_running_picture_for_the_next_start(tmp_pa
     finally:
         typed.close()
     [row] = job_rows(db)
-    assert row["status"] == "running" and row["delivered_at"] is None  # left for the next start, not failed
+    assert row["status"] == "queued" and row["delivered_at"] is None  # queued again for the next start, not failed
 
     again = io.StringIO()
     assert await run(config, stdin=io.StringIO(""), stdout=again) == 0
     [row] = job_rows(db)
-    assert row["status"] == "done" and row["delivered_at"] is not None and row["attempts"] == 1
+    assert row["status"] == "done" and row["delivered_at"] is not None
+    assert row["attempts"] == 0  # a graceful stop uses up no crash retry
     assert again.getvalue().count("picture saved") == 1 and STILL_COMING in again.getvalue()
 
 

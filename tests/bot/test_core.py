@@ -224,3 +224,27 @@ async def test_throttled_queue_position_is_shown_once_the_interval_passes(tiny_s
     assert "next in line" in shown, watched.edits
     await core.cancel(ALICE, first)
     await core.drain()
+
+
+async def test_housekeeping_redelivers_what_gave_up_and_applies_retention(tiny_settings, store, engine):
+    config = make_config(tiny_settings)
+    config = config.model_copy(update={"storage": config.storage.model_copy(update={"keep_images_count": 1})})
+    core = ChatCore(config, store, engine, delivery_attempts=2, delivery_backoff=0.01)
+    platform = RecordingPlatform()
+    core.add_platform(platform)
+    conv = platform.conversation({"chat": "c1"})
+    conv.fail_pictures = 2  # the network is down for both attempts
+    await core.on_text(ALICE, conv, "/draw first")
+    await core.drain()
+    assert conv.pictures == []
+    [record] = await store.unfinished_jobs()
+    assert record.status == "done" and record.delivered_at is None
+    await core.housekeeping()  # the network is back
+    assert len(conv.pictures) == 1 and (await store.get_job(record.id)).delivered_at is not None
+    await core.on_text(ALICE, conv, "/draw second")
+    await core.drain()
+    await core.housekeeping()
+    await core.housekeeping()  # nothing is delivered twice
+    assert len(conv.pictures) == 2
+    first, second = await store.get_job(record.id), (await store.history("console", "alice"))[0]
+    assert first.image_path is None and second.image_path.is_file()  # only the newest picture is kept

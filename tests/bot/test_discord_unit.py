@@ -280,6 +280,7 @@ async def test_personal_commands_answer_ephemerally(make_rig):
         assert inter.calls[0].json == {"type": 5, "data": {"flags": EPHEMERAL}}
         assert inter.original.ephemeral and inter.original.allowed_mentions == {"parse": []}
     assert help_.original.content.startswith("**drawbot** draws pictures")
+    assert "/draw prompt: [seed:]" in help_.original.content and "--seed" not in help_.original.content
     assert "This hour: 0 of 30" in usage.original.content
     assert "no pictures yet" in history.original.content
 

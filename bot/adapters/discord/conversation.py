@@ -93,6 +93,7 @@ class DiscordConversation:
 
     platform = "discord"
     markup = DiscordMarkdown()
+    typed_options = True  # /draw prompt: seed: steps: ... (the help text says so)
 
     def __init__(self, link: DiscordLink, ref: ConversationRef, *, progress_interval: float,
                  clock: Callable[[], float] = time.time) -> None:
