@@ -22,6 +22,7 @@ from bot.core import ChatCore
 from bot.store import Store
 from engine.png import read_parameters
 from engine.worker import Engine
+from tests.fakes.discord_api import no_leaked_tasks  # noqa: F401 - autouse fixture
 from tests.fakes.discord_api import (
     ACK_WINDOW_S,
     TOKEN_LIFETIME_S,
@@ -57,15 +58,6 @@ def assert_nothing_could_ping_the_crowd(fake: FakeDiscord) -> None:
                 parse = set(version.allowed_mentions.get("parse") or [])
                 assert not parse & {"everyone", "roles", "users"}, version.allowed_mentions
 
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks():
-    """The client, the core's followers and the fake are all finished when a test ends."""
-    before = asyncio.all_tasks()
-    yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
-    assert not leaked, f"tasks left running: {leaked}"
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from bot.config import Config, DiscordSettings, LimitSettings, StorageSettings
 from bot.core import ChatCore
 from bot.store import Store
 from engine.jobs import GenerationRequest, JobCancelled, JobEvent, JobState
+from tests.fakes.discord_api import no_leaked_tasks  # noqa: F401 - autouse fixture
 from tests.fakes.discord_api import (
     ACK_WINDOW_S,
     TOKEN_LIFETIME_S,
@@ -137,14 +138,6 @@ def make_config(state_dir: Path, *, admins: list[str], **discord_settings) -> Co
         discord=DiscordSettings(**discord_settings),
     )
 
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks():
-    before = asyncio.all_tasks()
-    yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
-    assert not leaked, f"tasks left running: {leaked}"
 
 
 @pytest.fixture

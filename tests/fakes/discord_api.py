@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
+import pytest
 from aiohttp import WSMsgType, web
 
 if TYPE_CHECKING:  # discord.py is only needed by ``running_client``
@@ -2158,3 +2159,14 @@ __all__ = [
     "MessageVersion", "Perm", "Pings", "ROUTE_KEYS", "RestCall", "TOKEN_LIFETIME_S", "UploadedFile", "compute_pings",
     "running_client",
 ]
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks():
+    """Autouse in the Discord test modules that import it: every client, server and follower task a test started
+    must be finished when it ends."""
+    before = asyncio.all_tasks()
+    yield
+    await asyncio.sleep(0)
+    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert not leaked, f"tasks left running: {leaked}"

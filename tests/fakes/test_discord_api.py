@@ -15,6 +15,7 @@ import pytest
 import yarl
 from discord import app_commands
 
+from tests.fakes.discord_api import no_leaked_tasks  # noqa: F401 - autouse fixture
 from tests.fakes.discord_api import (
     ACK_WINDOW_S,
     ClientCrashed,
@@ -40,15 +41,6 @@ class World:
     alice: FakeUser  # admin (guild owner)
     bob: FakeUser  # plain member
 
-
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks():
-    """Every client and server task started by a test must be finished when it ends."""
-    before = asyncio.all_tasks()
-    yield
-    await asyncio.sleep(0)
-    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
-    assert not leaked, f"tasks left running: {leaked}"
 
 
 @pytest.fixture
