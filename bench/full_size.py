@@ -28,7 +28,6 @@ import gc
 import io
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -55,6 +54,7 @@ class Bench:
         self.info: dict = {"environment": measure.environment(), "args": vars(args) | {"models_dir": str(args.models_dir)}}
         self.poller = measure.PeakPoller()
         self._prompts = 0
+        self.images: dict[tuple, tuple[str, bytes]] = {}  # (case, size) -> (prompt, png): fp8 storage drift
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -149,6 +149,13 @@ class Bench:
                 prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
                 progress_bar_cmd=clock.progress))
             self.row(case="(a) resident bf16", budget=None, size=size, steps=self.args.steps, load_s=load_s, **result)
+            if ("stream", size) in self.images:  # same prompt and seed as the stream run: what fp8 storage changes
+                stream_prompt, stream_png = self.images[("stream", size)]
+                image = pipe(prompt=stream_prompt, seed=SEED, num_inference_steps=self.args.steps, height=size,
+                             width=size, progress_bar_cmd=lambda t: t)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                self.info.setdefault("fp8_storage_drift", {})[size] = _image_drift(buffer.getvalue(), stream_png)
         del pipe
         self.free()
 
@@ -214,7 +221,8 @@ class Bench:
             plan = streaming.report.as_dict() if streaming.report else {}
             for size in self.args.sizes:
                 prompt = self.new_prompt()
-                result, _ = self._engine_generation("stream", pipeline, prompt, size)
+                result, png = self._engine_generation("stream", pipeline, prompt, size)
+                self.images.setdefault(("stream", size), (prompt, png))
                 cached, _ = self._engine_generation("stream", pipeline, prompt, size, steps=2)
                 self.row(case="(d) drawbot stream", budget=budget, size=size, steps=self.args.steps, load_s=load_s,
                          cap=card, text_cached_s=cached["text_s"], streamed_gib=streaming.dit.streamed_bytes / GIB,
@@ -419,6 +427,9 @@ def format_table(rows: list[dict], info: dict) -> str:
             notes.append(f"fp8 compute {r['budget']} GB {r['size']}²: {_fmt(r['step_median_s'], 3)} s/step vs bf16 "
                          f"compute {_fmt(r['bf16_step_median_s'], 3)} (x{_fmt(ratio)} of resident bf16); drift vs bf16 "
                          f"compute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["drift"].items()))
+    for size, drift in (info.get("fp8_storage_drift") or {}).items():
+        notes.append(f"fp8 storage drift (stream: DiT+T5 float8, tiled decode; vs resident bf16), {size}², random "
+                     "weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in drift.items()))
     if "race_check" in info:
         notes.append(f"race check: streamed vs synchronous copies bit-identical: {info['race_check']['bit_identical']}")
     if "stream_host" in info:
@@ -460,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dit_repeats = 1
         if args.models_dir == Path("bench-models"):
             args.models_dir = Path("/tmp/drawbot-bench-tiny")
-    args.out = args.out or f"bench/results/{'tiny' if args.tiny else 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    default_out = (f"{args.models_dir}/bench-tiny.json" if args.tiny  # a script check: keep it out of bench/results
+                   else f"bench/results/full-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    args.out = args.out or default_out
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA GPU: run with --tiny to check the script on the CPU", file=sys.stderr)
         return 2

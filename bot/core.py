@@ -176,6 +176,34 @@ class ChatCore:
     def _is_admin(self, user: User) -> bool:
         return user.key in self.config.limits.admins
 
+    async def is_banned(self, platform: str, user_id: str) -> bool:
+        """Banned in the config file, or by an admin from chat (kept in the store across restarts)."""
+        return f"{platform}:{user_id}" in self.config.limits.banned or await self.store.is_banned(platform, user_id)
+
+    async def ban(self, admin: User, platform: str, user_id: str) -> str:
+        """An admin bans someone from chat. Returns the outcome as a short sentence for the admin."""
+        key = f"{platform}:{user_id}"
+        if not self._is_admin(admin):
+            return "Only the bot's admins can ban."
+        if key in self.config.limits.admins:
+            return f"{key} is an admin; remove them from [limits].admins in the config first."
+        if not await self.store.ban(platform, user_id, by=admin.key):
+            return f"{key} is already banned."
+        log.info("admin %s banned %s", admin.key, key)
+        return f"{key} is banned (until an admin unbans them)."
+
+    async def unban(self, admin: User, platform: str, user_id: str) -> str:
+        key = f"{platform}:{user_id}"
+        if not self._is_admin(admin):
+            return "Only the bot's admins can unban."
+        lifted = await self.store.unban(platform, user_id)
+        if key in self.config.limits.banned:
+            return f"{key} is banned in the config file ([limits].banned); remove them there and reload."
+        if not lifted:
+            return f"{key} is not banned."
+        log.info("admin %s unbanned %s", admin.key, key)
+        return f"{key} may draw again."
+
     async def submit(self, user: User, conv: Conversation, command: DrawCommand) -> str | None:
         """Admit, persist, acknowledge and queue one picture. Returns the job id, or None when refused."""
         m = conv.markup
@@ -196,7 +224,7 @@ class ChatCore:
                    reply_ref={"conv": conv.ref(), "as_file": command.as_file, "user_name": user.name}),
             self.config.limits,
             is_admin=self._is_admin(user),
-            is_banned=user.key in self.config.limits.banned,
+            is_banned=await self.is_banned(user.platform, user.id),
         )
         if not admission.accepted:
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)

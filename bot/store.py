@@ -106,6 +106,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) STRICT
         """,
     ),
+    (
+        # 2: bans made by admins from chat (config bans stay in the config file).
+        """
+        CREATE TABLE bans (
+            platform TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            banned_at REAL NOT NULL,
+            banned_by TEXT NOT NULL,
+            PRIMARY KEY (platform, user_id)
+        ) STRICT
+        """,
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -463,6 +475,24 @@ class Store:
                 "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
                 (self._clock(), job_id),
             ) == 1
+
+    async def ban(self, platform: str, user_id: str, *, by: str) -> bool:
+        """Ban a user from drawing (kept across restarts). False if they were already banned."""
+        async with self._write():
+            return await self._update(
+                "INSERT OR IGNORE INTO bans (platform, user_id, banned_at, banned_by) VALUES (?, ?, ?, ?)",
+                (platform, user_id, self._clock(), by),
+            ) == 1
+
+    async def unban(self, platform: str, user_id: str) -> bool:
+        """Lift a ban made with `ban`. False if there was none."""
+        async with self._write():
+            return await self._update("DELETE FROM bans WHERE platform = ? AND user_id = ?", (platform, user_id)) == 1
+
+    async def is_banned(self, platform: str, user_id: str) -> bool:
+        async with self._read():
+            return await self._scalar("SELECT COUNT(*) FROM bans WHERE platform = ? AND user_id = ?",
+                                      (platform, user_id)) > 0
 
     async def return_to_queue(self, job_id: str) -> bool:
         """running -> queued without counting a restart attempt: the bot stopped it on purpose (graceful stop).

@@ -9,15 +9,15 @@ and evicts everything after each request (shared notes, performance.md §4). Her
   storage dtype (float8_e4m3fn for the DiT), page-locked once (`cudaHostRegister`, exact size).
 - As many units as the VRAM budget allows stay *resident* on the GPU, for good (never evicted between requests). They
   are chosen spread out through the execution order, so that each streamed unit's copy overlaps the compute of the
-  resident units around it. The plan comes from measured sizes: unit bytes, and the working memory of one
-  calibration generation.
+  resident units around it. The plan comes from measured sizes: unit bytes, and the device-wide peak of one
+  calibration generation (below); the VAE decodes in tiles when an untiled decode would be the peak.
 - Every other unit is *streamed*: a ring of a few GPU slot buffers, filled on a side CUDA stream in execution order;
   unit k's forward waits (on the GPU, not the host) for its copy, and the slot is refilled with the next streamed
   unit as soon as unit k's kernels are queued, ordered after them by an event. The ring runs on across denoising
   steps, so the next step's first units arrive while the current step finishes.
 - Upcasting stays where DiffSynth does it: its `AutoWrappedLinear` casts the weight to bf16 right before the matmul;
-  since the weight already sits on the GPU, that cast runs on the GPU, through `Upcaster` (a Triton kernel, ≈4x
-  torch's fp8->bf16 copy, checked bit for bit against torch before first use; torch's copy where Triton is missing).
+  since the weight already sits on the GPU, that cast runs on the GPU, through `Upcaster` (a Triton kernel, 2.3-2.6x
+  torch's fp8->bf16 copy on an H200, checked against torch before first use; torch's copy where Triton is missing).
   Biases and tiny wrapped layers (norm scales) are kept in the compute dtype, which skips a cast kernel per bias and
   DiffSynth's per-call deep copy of norm modules (same values: fp8->bf16 is exact).
 - The plan is made from the device-wide peak (what nvidia-smi shows: CUDA context, cuBLAS/cuDNN workspaces and the
@@ -58,9 +58,9 @@ SMALL_WRAPPER_NUMEL = 1 << 16
 """A wrapped non-Linear layer with fewer parameters than this (a norm scale) is kept in the compute dtype."""
 DEFAULT_SLOTS = 3
 """Ring depth: with 3, a double block's copy (≈6 ms on PCIe 5) has two blocks of compute to hide behind."""
-DEFAULT_MARGIN_GB = 0.75
+DEFAULT_MARGIN_GB = 0.9
 """Kept free under the budget: allocator fragmentation grows over a 20-step run beyond what the 1-step calibration
-shows (≈0.6 GiB measured on an H200 at 1024²), and peaks shorter than the sampling interval."""
+shows (0.74 GiB of a 0.75 margin was used on an H200 at 1024², 8 GB), and peaks shorter than the sampling interval."""
 DECODE_TILES = (64, 32)
 """VAE decode tile and stride in latent pixels (512 / 256 image pixels) when the budget needs a tiled decode."""
 

@@ -748,3 +748,34 @@ async def test_return_to_queue_does_not_count_a_restart_attempt(tmp_path):
         assert (record.status, record.attempts, record.started_at) == ("queued", 0, None)
     finally:
         await store.close()
+
+
+async def test_bans_survive_a_reopen(tmp_path):
+    path, images = tmp_path / "db.sqlite3", tmp_path / "images"
+    async with await Store.open(path, images) as store:
+        assert await store.ban("telegram", "42", by="telegram:1") is True
+        assert await store.ban("telegram", "42", by="telegram:1") is False
+        assert await store.is_banned("telegram", "42") and not await store.is_banned("discord", "42")
+    async with await Store.open(path, images) as store:
+        assert await store.is_banned("telegram", "42")
+        assert await store.unban("telegram", "42") is True
+        assert await store.unban("telegram", "42") is False
+        assert not await store.is_banned("telegram", "42")
+
+
+async def test_a_version_1_database_is_migrated_in_place(tmp_path):
+    from bot.store import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as raw:
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO jobs (id, platform, user_id, chat_id, prompt, seed, steps, width, height, status, "
+                    "created_at) VALUES ('0123456789abcdef0123456789abcdef', 'console', 'u', 'c', 'old', 1, 2, 64, 64, "
+                    "'queued', 1.0)")
+    async with await Store.open(path, tmp_path / "images") as store:
+        assert [r.prompt for r in await store.unfinished_jobs()] == ["old"]
+        assert await store.ban("console", "u", by="console:admin")
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2

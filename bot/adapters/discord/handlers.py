@@ -201,38 +201,15 @@ class DiscordHandlers:
         conv = await self._admin_conversation(interaction)
         if conv is None:
             return
-        key = f"{PLATFORM}:{target.id}"
-        limits = self.core.config.limits
-        if key in limits.admins:
-            text = f"{key} is an admin; remove them from [limits].admins in the config first."
-        elif key in limits.banned:
-            text = f"<@{target.id}> is already banned."
-        else:
-            self._set_banned([*limits.banned, key])
-            log.info("admin %s banned %s until restart", interaction.user.id, key)
-            text = (f"<@{target.id}> is banned until the bot restarts or reloads its config. To make it permanent, "
-                    f"add \"{key}\" to [limits].banned in the config file.")
-        await conv.send_text(self._with_mentions(text))
+        text = await self.core.ban(self.user_of(interaction), PLATFORM, str(target.id))
+        await conv.send_text(self._with_mentions(text.replace(f"{PLATFORM}:{target.id}", f"<@{target.id}>")))
 
     async def admin_unban(self, interaction: discord.Interaction, target: discord.User) -> None:
         conv = await self._admin_conversation(interaction)
         if conv is None:
             return
-        key = f"{PLATFORM}:{target.id}"
-        limits = self.core.config.limits
-        if key not in limits.banned:
-            text = f"<@{target.id}> is not banned."
-        else:
-            self._set_banned([k for k in limits.banned if k != key])
-            log.info("admin %s unbanned %s", interaction.user.id, key)
-            text = (f"<@{target.id}> may draw again. If the config file bans them too, they are banned again at "
-                    f"the next restart; remove \"{key}\" from [limits].banned there.")
-        await conv.send_text(self._with_mentions(text))
-
-    def _set_banned(self, banned: list[str]) -> None:
-        """Through the core's live-reload path, so the core applies it exactly as a config reload would."""
-        config = self.core.config
-        self.core.reload(config.model_copy(update={"limits": config.limits.model_copy(update={"banned": banned})}))
+        text = await self.core.unban(self.user_of(interaction), PLATFORM, str(target.id))
+        await conv.send_text(self._with_mentions(text.replace(f"{PLATFORM}:{target.id}", f"<@{target.id}>")))
 
     def _with_mentions(self, text: str) -> str:
         """Escape everything but the `<@id>` mentions this module wrote itself (shown as names, never pinged)."""
