@@ -22,15 +22,13 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponen
 
 from bot import replies
 from bot.chat import Button, Conversation, Picture, Platform, User, parse_button
-from bot.commands import DrawCommand, DrawRules, UsageError, parse_draw, split_command, validate_draw
+from bot.commands import SEED_MAX, DrawCommand, DrawRules, UsageError, parse_draw, split_command, validate_draw
 from bot.config import Config
 from bot.metrics import Metrics
 from bot.store import Admission, JobRecord, NewJob, Store
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
 
 log = logging.getLogger(__name__)
-
-MAX_SEED = 2**32 - 1
 
 
 class EngineLike(Protocol):
@@ -63,7 +61,7 @@ class ChatCore:
         *,
         is_test_model: bool = False,
         count_tokens: Callable[[str], int] | None = None,
-        random_seed: Callable[[], int] = lambda: secrets.randbelow(MAX_SEED + 1),
+        random_seed: Callable[[], int] = lambda: secrets.randbelow(SEED_MAX + 1),
         clock: Callable[[], float] = time.time,
         delivery_attempts: int = 5,
         delivery_backoff: float = 2.0,

@@ -9,10 +9,10 @@ import sys
 
 from tqdm import tqdm
 
+from bot.commands import SEED_MAX
 from bot.config import Config
 from engine.jobs import GenerationRequest, JobEvent, JobFailed
 
-MAX_SEED = 2**32 - 1
 
 
 def draw(config: Config, args: argparse.Namespace) -> int:
@@ -23,9 +23,9 @@ def draw(config: Config, args: argparse.Namespace) -> int:
     if not settings.min_steps <= steps <= settings.max_steps:
         print(f"drawbot: --steps must be {settings.min_steps}..{settings.max_steps} (got {steps})", file=sys.stderr)
         return 2
-    seed = secrets.randbelow(MAX_SEED + 1) if args.seed is None or args.seed == -1 else args.seed
-    if not 0 <= seed <= MAX_SEED:
-        print(f"drawbot: --seed must be 0..{MAX_SEED} or -1 for random (got {seed})", file=sys.stderr)
+    seed = secrets.randbelow(SEED_MAX + 1) if args.seed is None or args.seed == -1 else args.seed
+    if not 0 <= seed <= SEED_MAX:
+        print(f"drawbot: --seed must be 0..{SEED_MAX} or -1 for random (got {seed})", file=sys.stderr)
         return 2
     width = args.width or settings.width
     height = args.height or settings.height
