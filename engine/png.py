@@ -35,7 +35,9 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_itxt("parameters", parameters)  # iTXt: UTF-8, so emoji and CJK prompts survive
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
+    # Level 1: a 1024² picture encodes in ~0.1 s instead of ~0.4 s at level 6, for a somewhat larger file that
+    # still fits every chat upload limit.
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
     return buffer.getvalue()
 
 

@@ -19,7 +19,7 @@ class EngineSettings(BaseModel):
     project generates itself (pictures are noise) for tests and for trying the bot without weights."""
 
     models_dir: Path = Path("models")
-    mode: Literal["offload", "stream", "resident"] = "offload"
+    mode: Literal["offload", "stream", "resident"] = "stream"
     """`stream`: drawbot's own weight streaming (engine/streaming.py): DiT and T5 in float8 in page-locked host RAM,
     as many blocks resident on the GPU as `vram_budget_gb` allows (planned at start-up), the rest copied ahead on a
     side stream; ≈20x faster than `offload` at 8 GB (bench/README.md).

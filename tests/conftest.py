@@ -27,3 +27,11 @@ def tiny_pipeline(tiny_settings):
     from engine.pipeline import FluxPipeline
 
     return FluxPipeline.load(tiny_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_offload_pipeline(tiny_settings):
+    """The same tiny model in DiffSynth's own per-layer offload mode (the fallback to `stream`)."""
+    from engine.pipeline import FluxPipeline
+
+    return FluxPipeline.load(tiny_settings.model_copy(update={"mode": "offload"}))

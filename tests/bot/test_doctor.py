@@ -175,12 +175,13 @@ def test_missing_gpu_index_fails(tmp_path):
 
 def test_host_ram_against_the_mode(tmp_path):
     small = replace(HEALTHY, ram_total=16 * GIB, ram_available=14 * GIB)
-    check = checks_by_name(real_config(tmp_path), small)["ram"]
-    assert check.verdict is Verdict.FAIL and "~22 GiB" in check.detail and "stream" in check.fix
+    check = checks_by_name(real_config(tmp_path, mode="offload"), small)["ram"]
+    assert check.verdict is Verdict.FAIL and "~24 GiB" in check.detail and "stream" in check.fix
     swapping = replace(small, swap_total=16 * GIB)
     assert checks_by_name(real_config(tmp_path), swapping)["ram"].verdict is Verdict.WARN
-    assert checks_by_name(real_config(tmp_path, mode="stream"), replace(small, ram_total=20 * GIB,
-                                                                       ram_available=19 * GIB))["ram"].verdict \
+    assert checks_by_name(real_config(tmp_path), small)["ram"].verdict is Verdict.FAIL  # stream, the default
+    assert checks_by_name(real_config(tmp_path, mode="stream"), replace(small, ram_total=24 * GIB,
+                                                                       ram_available=23 * GIB))["ram"].verdict \
         is Verdict.OK
 
 

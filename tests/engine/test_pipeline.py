@@ -18,7 +18,16 @@ def generate(pipeline, **kw):
     return pipeline.generate(request, lambda done, total: None)
 
 
-def test_dit_weights_are_float8_while_the_pipeline_runs(tiny_pipeline):
+@pytest.fixture(params=["stream", "offload"])
+def each_mode(request, tiny_pipeline, tiny_offload_pipeline):
+    """Both memory modes go through the tests that matter for every mode."""
+    pipeline = tiny_pipeline if request.param == "stream" else tiny_offload_pipeline
+    assert pipeline.settings.mode == request.param
+    return pipeline
+
+
+def test_dit_weights_are_float8_while_the_pipeline_runs(each_mode):
+    tiny_pipeline = each_mode
     seen: list[set] = []
 
     def on_step(done, total):
@@ -35,7 +44,8 @@ def test_dit_weights_are_float8_while_the_pipeline_runs(tiny_pipeline):
     assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
 
 
-def test_same_seed_same_bytes_other_seed_other_image(tiny_pipeline):
+def test_same_seed_same_bytes_other_seed_other_image(each_mode):
+    tiny_pipeline = each_mode
     a = generate(tiny_pipeline, seed=7)
     b = generate(tiny_pipeline, seed=7)
     c = generate(tiny_pipeline, seed=8)
