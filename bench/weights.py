@@ -33,67 +33,23 @@ compat.apply()
 
 from diffsynth.core.loader.file import convert_keys_dict_to_single_str, hash_model_file  # noqa: E402
 
-from engine import weights  # noqa: E402
+from engine import keynames, weights  # noqa: E402
 
-Shapes = dict[str, tuple[int, ...]]
+Shapes = keynames.Shapes
 
 _DTYPE_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def _meta_shapes(factory: Callable[[], torch.nn.Module]) -> Shapes:
-    with torch.device("meta"):
-        module = factory()
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _rename_inverse(converter, candidates: list[str], model_shapes: Shapes) -> Shapes:
-    """File name -> shape, by pushing candidate file names through DiffSynth's converter (it maps file names onto
-    model names); must cover the model's keys one to one."""
-    renamed = converter({name: name for name in candidates})
-    if set(renamed) != set(model_shapes) or len(set(renamed.values())) != len(renamed):
-        raise RuntimeError(f"{converter.__name__}: candidate names do not map one-to-one onto the model")
-    return {file_name: model_shapes[model_name] for model_name, file_name in renamed.items()}
-
-
 def dit_shapes() -> Shapes:
     from diffsynth.models.flux_dit import FluxDiT
-    from diffsynth.utils.state_dict_converters.flux_dit import FluxDiTStateDictConverter
 
-    names = [f"{m}.{p}" for m in ("img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1",
-                                  "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
-                                  "guidance_in.out_layer", "vector_in.in_layer", "vector_in.out_layer")
-             for p in ("weight", "bias")]
-    double = ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "attn.norm.query_norm.scale",
-              "attn.norm.key_norm.scale", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
-              "mod.lin.weight", "mod.lin.bias"]
-    single = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "modulation.lin.weight",
-              "modulation.lin.bias", "norm.query_norm.scale", "norm.key_norm.scale"]
-    names += [f"double_blocks.{i}.{side}_{s}" for i in range(19) for side in ("img", "txt") for s in double]
-    names += [f"single_blocks.{i}.{s}" for i in range(38) for s in single]
-    shapes = _rename_inverse(FluxDiTStateDictConverter, names, _meta_shapes(FluxDiT))
-    return {"model.diffusion_model." + k: v for k, v in shapes.items()}  # MajicFLUX's prefix
+    return keynames.dit_file_shapes(FluxDiT, 19, 38)
 
 
 def vae_shapes() -> Shapes:
     from diffsynth.models.flux_vae import FluxVAEDecoder, FluxVAEEncoder
-    from diffsynth.utils.state_dict_converters.flux_vae import (
-        FluxVAEDecoderStateDictConverter,
-        FluxVAEEncoderStateDictConverter,
-    )
 
-    def candidates(side: str) -> list[str]:
-        level, sampler = ("down", "downsample") if side == "encoder" else ("up", "upsample")
-        resnet = ("norm1", "conv1", "norm2", "conv2", "nin_shortcut")
-        modules = ["conv_in", "conv_out", "norm_out", "mid.attn_1.norm", "mid.attn_1.q", "mid.attn_1.k",
-                   "mid.attn_1.v", "mid.attn_1.proj_out"]
-        modules += [f"mid.block_{b}.{r}" for b in (1, 2) for r in resnet]
-        modules += [f"{level}.{i}.block.{j}.{r}" for i in range(4) for j in range(3) for r in resnet]
-        modules += [f"{level}.{i}.{sampler}.conv" for i in range(4)]
-        return [f"{side}.{m}.{p}" for m in modules for p in ("weight", "bias")]
-
-    encoder = _rename_inverse(FluxVAEEncoderStateDictConverter, candidates("encoder"), _meta_shapes(FluxVAEEncoder))
-    decoder = _rename_inverse(FluxVAEDecoderStateDictConverter, candidates("decoder"), _meta_shapes(FluxVAEDecoder))
-    return {**encoder, **decoder}
+    return keynames.vae_file_shapes(FluxVAEEncoder, FluxVAEDecoder)
 
 
 def clip_shapes() -> Shapes:
@@ -101,17 +57,13 @@ def clip_shapes() -> Shapes:
 
     config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                             num_attention_heads=12, max_position_embeddings=77, projection_dim=768)
-    shapes = _meta_shapes(lambda: CLIPTextModel(config))
-    shapes = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in shapes.items()}
-    return {k: v for k, v in shapes.items() if not k.endswith("position_ids")}
+    return keynames.clip_file_shapes(lambda: CLIPTextModel(config))
 
 
 def t5_shapes() -> Shapes:
     from diffsynth.models.flux_text_encoder_t5 import FluxTextEncoderT5
 
-    shapes = _meta_shapes(FluxTextEncoderT5)
-    shapes.pop("encoder.embed_tokens.weight", None)  # the real file has only shared.weight
-    return shapes
+    return keynames.t5_file_shapes(FluxTextEncoderT5)
 
 
 def _hash(shapes: Shapes) -> str:

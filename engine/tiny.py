@@ -83,6 +83,14 @@ from diffsynth.utils.state_dict_converters.flux_vae import (  # noqa: E402
     FluxVAEEncoderStateDictConverter,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config  # noqa: E402
+from engine.keynames import (  # noqa: E402
+    KeyNameError,
+    clip_file_shapes,
+    dit_file_shapes,
+    meta_shapes,
+    t5_file_shapes,
+    vae_file_shapes,
+)
 
 TINY_ROOT_NAME = "tiny"
 """Tiny files go under `<models_dir>/tiny/`."""
@@ -305,91 +313,28 @@ def t5_pieces() -> tuple[tuple[str, float, int], ...]:
 # File key names, derived from DiffSynth's converters.
 
 
-class TinyModelError(RuntimeError):
-    """The tiny model's naming no longer matches DiffSynth's converters (a DiffSynth upgrade changed them)."""
-
-
-def _meta_shapes(module_factory: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        module = module_factory()
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
-
-
-def _invert_rename(converter: Callable[[dict], dict], candidates: list[str],
-                   model_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Push candidate file names through a renaming converter (each name as its own value), keep those it maps, and
-    require a one-to-one cover of the model's keys. Returns file name -> shape."""
-    renamed = converter({name: name for name in candidates})
-    if set(renamed) != set(model_shapes) or len(set(renamed.values())) != len(renamed):
-        missing = sorted(set(model_shapes) - set(renamed))
-        extra = sorted(set(renamed) - set(model_shapes))
-        raise TinyModelError(f"{converter.__name__}: not one-to-one (missing {missing[:5]}, extra {extra[:5]})")
-    return {file_name: model_shapes[model_name] for model_name, file_name in renamed.items()}
-
-
-DIT_PREFIX = "model.diffusion_model."
-
-
-def _bfl_dit_names() -> list[str]:
-    """BFL ("civitai") names of the Flux DiT, without MajicFLUX's prefix."""
-    names = [f"{m}.{p}" for m in ("img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1",
-                                  "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
-                                  "guidance_in.out_layer", "vector_in.in_layer", "vector_in.out_layer")
-             for p in ("weight", "bias")]
-    double = ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-              "attn.norm.query_norm.scale", "attn.norm.key_norm.scale", "mlp.0.weight", "mlp.0.bias",
-              "mlp.2.weight", "mlp.2.bias", "mod.lin.weight", "mod.lin.bias"]
-    single = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "modulation.lin.weight",
-              "modulation.lin.bias", "norm.query_norm.scale", "norm.key_norm.scale"]
-    names += [f"double_blocks.{i}.{side}_{s}" for i in range(DIT_DOUBLE_BLOCKS) for side in ("img", "txt")
-              for s in double]
-    names += [f"single_blocks.{i}.{s}" for i in range(DIT_SINGLE_BLOCKS) for s in single]
-    return names
-
-
-def _bfl_vae_candidates(side: str) -> list[str]:
-    """Every plausible BFL autoencoder name for `side` ("encoder"/"decoder"); the converter keeps the real ones."""
-    level, sampler = ("down", "downsample") if side == "encoder" else ("up", "upsample")
-    resnet = ("norm1", "conv1", "norm2", "conv2", "nin_shortcut")
-    modules = ["conv_in", "conv_out", "norm_out", "mid.attn_1.norm", "mid.attn_1.q", "mid.attn_1.k",
-               "mid.attn_1.v", "mid.attn_1.proj_out"]
-    modules += [f"mid.block_{b}.{r}" for b in (1, 2) for r in resnet]
-    modules += [f"{level}.{i}.block.{j}.{r}" for i in range(4) for j in range(3) for r in resnet]
-    modules += [f"{level}.{i}.{sampler}.conv" for i in range(4)]
-    return [f"{side}.{m}.{p}" for m in modules for p in ("weight", "bias")]
+TinyModelError = KeyNameError  # the tiny model's naming no longer matches DiffSynth's converters
 
 
 def _dit_file_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = _invert_rename(FluxDiTStateDictConverter, _bfl_dit_names(), _meta_shapes(TinyFluxDiT))
-    return {DIT_PREFIX + k: v for k, v in shapes.items()}
+    return dit_file_shapes(TinyFluxDiT, DIT_DOUBLE_BLOCKS, DIT_SINGLE_BLOCKS)
 
 
 def _vae_file_shapes() -> dict[str, tuple[int, ...]]:
-    encoder = _invert_rename(FluxVAEEncoderStateDictConverter, _bfl_vae_candidates("encoder"),
-                             _meta_shapes(TinyFluxVAEEncoder))
-    decoder = _invert_rename(FluxVAEDecoderStateDictConverter, _bfl_vae_candidates("decoder"),
-                             _meta_shapes(TinyFluxVAEDecoder))
-    return {**encoder, **decoder}
+    return vae_file_shapes(TinyFluxVAEEncoder, TinyFluxVAEDecoder)
 
 
 def _clip_file_shapes() -> dict[str, tuple[int, ...]]:
-    """HF CLIPTextModel names with the `text_model.` prefix that the real file has (transformers 5 drops it), and
-    no position_ids (a non-persistent buffer, absent from the real file)."""
     vocab = clip_vocab_size()
     config = CLIPTextConfig(vocab_size=vocab, hidden_size=CLIP_DIM, intermediate_size=CLIP_FFN,
                             num_hidden_layers=CLIP_LAYERS, num_attention_heads=CLIP_HEADS,
                             max_position_embeddings=CLIP_POSITIONS, projection_dim=CLIP_DIM,
                             bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
-    shapes = _meta_shapes(lambda: CLIPTextModel(config))
-    return {(k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in shapes.items() if not k.endswith("position_ids")}
+    return clip_file_shapes(lambda: CLIPTextModel(config))
 
 
 def _t5_file_shapes() -> dict[str, tuple[int, ...]]:
-    """HF T5EncoderModel names: `shared.weight` kept, the tied `encoder.embed_tokens.weight` left out (as in the
-    real shards; DiffSynth's converter copies it back)."""
-    shapes = _meta_shapes(TinyFluxTextEncoderT5)
-    return {k: v for k, v in shapes.items() if k != "encoder.embed_tokens.weight"}
+    return t5_file_shapes(TinyFluxTextEncoderT5)
 
 
 _Shapes = dict[str, tuple[int, ...]]
@@ -464,7 +409,7 @@ def _check_round_trip(part: str, tensors: dict[str, torch.Tensor]) -> None:
     """What DiffSynth will do with this file: each converter must give exactly its model's keys and shapes."""
     for converter, model_class in _PARTS[part][1]:
         converted = {k: tuple(v.shape) for k, v in converter(dict(tensors)).items()}
-        expected = _meta_shapes(model_class)
+        expected = meta_shapes(model_class)
         if converted != expected:
             diff = sorted(set(converted.items()) ^ set(expected.items()))
             raise TinyModelError(f"{part}: {converter.__name__} does not give {model_class.__name__}: {diff[:5]}")

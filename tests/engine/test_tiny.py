@@ -179,11 +179,13 @@ def test_complete_files_are_left_alone_and_damaged_ones_are_rewritten(root, tmp_
 def test_converter_inversion_rejects_names_that_do_not_cover_the_model():
     from diffsynth.utils.state_dict_converters.flux_dit import FluxDiTStateDictConverter
 
-    names = tiny._bfl_dit_names()
-    shapes = tiny._meta_shapes(tiny.TinyFluxDiT)
-    assert len(tiny._invert_rename(FluxDiTStateDictConverter, names, shapes)) == len(shapes)
+    from engine import keynames
+
+    names = keynames.bfl_dit_names(tiny.DIT_DOUBLE_BLOCKS, tiny.DIT_SINGLE_BLOCKS)
+    shapes = keynames.meta_shapes(tiny.TinyFluxDiT)
+    assert len(keynames.invert_rename(FluxDiTStateDictConverter, names, shapes)) == len(shapes)
     with pytest.raises(tiny.TinyModelError):
-        tiny._invert_rename(FluxDiTStateDictConverter, names[:-1], shapes)
+        keynames.invert_rename(FluxDiTStateDictConverter, names[:-1], shapes)
 
 
 def test_tokenizer_vocabularies_have_unique_entries():
