@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -130,19 +130,10 @@ class DiscordConversation:
         content = _clip(text, MAX_CONTENT)
         view = job_view(buttons or [])
         extra: dict[str, Any] = {} if view is None else {"view": view}
-        if self.token_usable():
-            try:
-                message = await (await self._webhook()).send(content, wait=True, ephemeral=self._ref.ephemeral,
-                                                             allowed_mentions=NO_PINGS, **extra)
-                self.sent += 1
-                return f"w:{message.id}"
-            except discord.HTTPException as exc:
-                if not token_is_dead(exc):
-                    raise
-                self._lose_token(exc)
-        message = await (await self._channel()).send(content, allowed_mentions=NO_PINGS, **extra)
-        self.sent += 1
-        return f"c:{message.id}"
+        return await self._send(
+            lambda webhook: webhook.send(content, wait=True, ephemeral=self._ref.ephemeral,
+                                         allowed_mentions=NO_PINGS, **extra),
+            lambda channel: channel.send(content, allowed_mentions=NO_PINGS, **extra))
 
     async def edit_text(self, message_id: str, text: str) -> None:
         kind, _, raw = message_id.partition(":")
@@ -173,27 +164,34 @@ class DiscordConversation:
 
     async def send_picture(self, picture: Picture) -> str | None:
         buttons = [*picture.buttons, Button("🗑️ Delete", "delete", picture.job_id)]
+        requester = _user_id(picture.mention_user) or self._ref.requester_id
+        return await self._send(
+            lambda webhook: webhook.send(wait=True, allowed_mentions=NO_PINGS,
+                                         **self._picture_message(picture, buttons)),
+            lambda channel: channel.send(f"<@{requester}> here is your picture:", allowed_mentions=only_user(requester),
+                                         **self._picture_message(picture, buttons)))
+
+    async def working(self) -> None:
+        return None  # Discord already shows "thinking…" until the first reply
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    async def _send(self, by_webhook: Callable[[discord.Webhook], Awaitable[discord.Message]],
+                    by_channel: Callable[[discord.PartialMessageable], Awaitable[discord.Message]]) -> str:
+        """Through the interaction's webhook while its token lives (15 minutes), else in the channel. Returns the
+        message id tagged with the route ("w:" / "c:"), which edit_text needs."""
         if self.token_usable():
             try:
-                message = await (await self._webhook()).send(wait=True, allowed_mentions=NO_PINGS,
-                                                             **self._picture_message(picture, buttons))
+                message = await by_webhook(await self._webhook())
                 self.sent += 1
                 return f"w:{message.id}"
             except discord.HTTPException as exc:
                 if not token_is_dead(exc):
                     raise
                 self._lose_token(exc)
-        requester = _user_id(picture.mention_user) or self._ref.requester_id
-        message = await (await self._channel()).send(
-            f"<@{requester}> here is your picture:", allowed_mentions=only_user(requester),
-            **self._picture_message(picture, buttons))
+        message = await by_channel(await self._channel())
         self.sent += 1
         return f"c:{message.id}"
 
-    async def working(self) -> None:
-        return None  # Discord already shows "thinking…" until the first reply
-
-    # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod
     def _picture_message(picture: Picture, buttons: list[Button]) -> dict[str, Any]:
         """A fresh File each time (discord.py closes it after a request, and a failed send is retried)."""
