@@ -22,6 +22,7 @@ from typing import TextIO
 
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
+from bot.draw_command import TINY_FALLBACK
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.store import Store
 
@@ -144,7 +145,7 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
                 "chat with the built-in tiny test model, whose pictures are noise. Run `drawbot download` for the "
                 "real model and set DRAWBOT_TELEGRAM_TOKEN / DRAWBOT_DISCORD_TOKEN to go online.")
             # Noise needs no detail: a small default size keeps the demo quick on a CPU.
-            settings = settings.model_copy(update={"model": "tiny", "width": min(settings.width, 256),
+            settings = settings.model_copy(update={**TINY_FALLBACK, "width": min(settings.width, 256),
                                                    "height": min(settings.height, 256)})
     config = config.model_copy(update={"engine": settings})
 
