@@ -42,6 +42,9 @@ from engine import compat
 compat.apply()
 
 PROMPT = "a red fox sitting in fresh snow, golden hour, photograph"
+STREAM_CASES = {"bf16": "(d) drawbot stream", "fp8": "(d) stream + drawbot fp8", "compile": "(d) stream + compile",
+                "fp8+compile": "(d) stream + fp8 + compile"}
+"""Engine compute modes (engine.fp8_compute, engine.torch_compile) -> table row names."""
 SEED = 7
 
 
@@ -55,6 +58,7 @@ class Bench:
         self.poller = measure.PeakPoller()
         self._prompts = 0
         self.images: dict[tuple, tuple[str, bytes]] = {}  # (case, size) -> (prompt, png): fp8 storage drift
+        self._bf16_step: dict[tuple, float] = {}  # (budget, size) -> (d) bf16-compute s/step
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -149,13 +153,17 @@ class Bench:
                 prompt=prompt, seed=SEED, num_inference_steps=self.args.steps, height=size, width=size,
                 progress_bar_cmd=clock.progress))
             self.row(case="(a) resident bf16", budget=None, size=size, steps=self.args.steps, load_s=load_s, **result)
-            if ("stream", size) in self.images:  # same prompt and seed as the stream run: what fp8 storage changes
-                stream_prompt, stream_png = self.images[("stream", size)]
+            for case, what in (("stream-bf16", "fp8_storage_drift"), ("stream-fp8", "fp8_storage_and_compute_drift"),
+                               ("stream-fp8+compile", "fp8_storage_compute_and_compile_drift")):
+                if (case, size) not in self.images:
+                    continue
+                # same prompt and seed as the stream run: what fp8 storage (and fp8 compute) change
+                stream_prompt, stream_png = self.images[(case, size)]
                 image = pipe(prompt=stream_prompt, seed=SEED, num_inference_steps=self.args.steps, height=size,
                              width=size, progress_bar_cmd=lambda t: t)
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
-                self.info.setdefault("fp8_storage_drift", {})[size] = _image_drift(buffer.getvalue(), stream_png)
+                self.info.setdefault(what, {})[size] = _image_drift(buffer.getvalue(), stream_png)
         del pipe
         self.free()
 
@@ -204,63 +212,183 @@ class Bench:
         card = measure.emulate_card(None if self.tiny else budgets[0])
         self.poller.phase("stream:load")
         started = time.perf_counter()
-        pipeline = self._engine("stream", budgets[0], self.args.sizes[0])
+        with self._load_phases("stream:load"):
+            pipeline = self._engine("stream", budgets[0], self.args.sizes[0])
         load_s = time.perf_counter() - started
         streaming = pipeline.streaming
+        load_phases = sorted(p for p in self.poller.phases() if p.startswith("stream:load"))
         self.info["stream_host"] = {"host_gib": streaming.host_bytes / GIB, "pinned_gib": streaming.pinned_bytes / GIB,
-                                    "load_peak_rss_gib": self.poller.peaks("stream:load")["rss"],
+                                    "load_peak_rss_gib": self.poller.peaks(*load_phases)["rss"],
+                                    "load_rss_by_phase_gib": {p: self.poller.peaks(p)["rss"] for p in load_phases},
                                     "rss_after_load_gib": measure.rss_gib(), "load_s": load_s}
+        size0 = self.args.sizes[0]
+        bf16_images: dict[tuple, tuple[str, bytes]] = {}
+        modes = self.args.modes
         for number, budget in enumerate(budgets):
-            if number and not self.tiny:  # same load, new budget: cap the allocator again, re-plan (the engine's planner)
-                card = measure.emulate_card(budget)
-                size0 = self.args.sizes[0]
-                streaming.plan(budget, lambda: pipeline.pipe(prompt="calibration", seed=0, num_inference_steps=1,
-                                                             width=size0, height=size0,
-                                                             progress_bar_cmd=lambda t: t),
-                               width=size0, height=size0)
-            plan = streaming.report.as_dict() if streaming.report else {}
-            for size in self.args.sizes:
-                prompt = self.new_prompt()
-                result, png = self._engine_generation("stream", pipeline, prompt, size)
-                self.images.setdefault(("stream", size), (prompt, png))
-                cached, _ = self._engine_generation("stream", pipeline, prompt, size, steps=2)
-                self.row(case="(d) drawbot stream", budget=budget, size=size, steps=self.args.steps, load_s=load_s,
-                         cap=card, text_cached_s=cached["text_s"], streamed_gib=streaming.dit.streamed_bytes / GIB,
-                         resident_gib=streaming.dit.resident_bytes / GIB,
-                         resident_units=len(streaming.dit.resident), units=len(streaming.dit.units),
-                         t5_streamed_gib=streaming.t5.streamed_bytes / GIB, plan=plan,
-                         pinned_gib=streaming.pinned_bytes / GIB, host_gib=streaming.host_bytes / GIB, **result)
-        # Opt-in fp8 compute (stretch goal): same request as a bf16-compute run just above, so the drift is measurable.
-        size = self.args.sizes[0]
-        prompt = self.new_prompt()
-        bf16_result, bf16_png = self._engine_generation("stream", pipeline, prompt, size)
-        try:
-            streaming.set_fp8_compute(True)
-            fp8_result, fp8_png = self._engine_generation("stream", pipeline, prompt, size)
-            self.row(case="(d) stream + fp8 compute", budget=budgets[-1], size=size, steps=self.args.steps,
-                     load_s=load_s, streamed_gib=streaming.dit.streamed_bytes / GIB, drift=_image_drift(bf16_png, fp8_png),
-                     bf16_step_median_s=bf16_result["step_median_s"], **fp8_result)
-        except Exception as exc:
-            self.info["fp8_compute_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            self.say(f"fp8 compute failed: {exc}")
-        finally:
-            streaming.set_fp8_compute(False)
+            for mode in modes:
+                if not self._set_mode(streaming, mode):
+                    self.info.setdefault("mode_errors", {})[mode] = "unavailable on this device (see the log)"
+                    continue
+                if (number or mode != modes[0]) and not self.tiny:
+                    # Same load, new budget or compute mode: cap the allocator again, re-plan (the engine's planner,
+                    # calibrated in the compute mode that runs next; torch.compile compiles in it).
+                    card = measure.emulate_card(budget)
+                    started = time.perf_counter()
+                    streaming.plan(budget, lambda: pipeline.pipe(prompt="calibration", seed=0, num_inference_steps=1,
+                                                                 width=size0, height=size0,
+                                                                 progress_bar_cmd=lambda t: t),
+                                   width=size0, height=size0)
+                    self.info.setdefault("plan_s", {})[f"{budget}:{mode}"] = time.perf_counter() - started
+                plan = streaming.report.as_dict() if streaming.report else {}
+                for size in self.args.sizes:
+                    if mode != "bf16" and (budget, size) in bf16_images:
+                        # the bf16 row's request, T5 run again (cache cleared): drift and honest text time
+                        prompt, bf16_png = bf16_images[(budget, size)]
+                        pipeline.pipe.prompt_cache.clear()
+                    else:
+                        prompt, bf16_png = self.new_prompt(), None
+                    warm_up_s = None
+                    if "compile" in mode and not self.tiny:  # a new size compiles at its first picture: not timed
+                        started = time.perf_counter()
+                        pipeline.pipe(prompt="warm-up", seed=0, num_inference_steps=1, width=size, height=size,
+                                      progress_bar_cmd=lambda t: t)
+                        warm_up_s = time.perf_counter() - started
+                    result, png = self._engine_generation("stream", pipeline, prompt, size)
+                    self.images.setdefault((f"stream-{mode}", size), (prompt, png))
+                    extra = {}
+                    if mode == "bf16":
+                        bf16_images[(budget, size)] = (prompt, png)
+                        self._bf16_step[(budget, size)] = result["step_median_s"]
+                    elif bf16_png is not None:
+                        extra = {"drift": _image_drift(bf16_png, png),
+                                 "bf16_step_median_s": self._bf16_step[(budget, size)]}
+                    cached, _ = self._engine_generation("stream", pipeline, prompt, size, steps=2)
+                    self.row(case=STREAM_CASES[mode], budget=budget, size=size, steps=self.args.steps, load_s=load_s,
+                             cap=card, mode=mode, text_cached_s=cached["text_s"],
+                             streamed_gib=streaming.dit.streamed_bytes / GIB,
+                             resident_gib=streaming.dit.resident_bytes / GIB,
+                             resident_units=len(streaming.dit.resident), units=len(streaming.dit.units),
+                             t5_streamed_gib=streaming.t5.streamed_bytes / GIB, plan=plan,
+                             fp8_linears=streaming.float8.installed, compile_warm_up_s=warm_up_s,
+                             pinned_gib=streaming.pinned_bytes / GIB, host_gib=streaming.host_bytes / GIB,
+                             **extra, **result)
         # Race check: the streamed path against the synchronous copy path, same request, byte for byte (the prompt
-        # cache is cleared so that T5 runs, and streams, on both paths).
+        # cache is cleared so that T5 runs, and streams, on both paths); in every compute mode.
         size = self.args.sizes[-1]
-        pipeline.pipe.prompt_cache.clear()
-        _, streamed = self._engine_generation("race", pipeline, "race check", size, steps=3)
-        pipeline.pipe.prompt_cache.clear()
-        streaming.synchronous = True
-        sync_result, synchronous_same = self._engine_generation("race", pipeline, "race check", size, steps=3)
-        streaming.synchronous = False
-        self.info["race_check"] = {"size": size, "bit_identical": streamed == synchronous_same,
-                                   "sync_step_median_s": sync_result["step_median_s"]}
-        self.say(f"race check: streamed == synchronous: {streamed == synchronous_same}")
+        for mode in modes:
+            if not self._set_mode(streaming, mode):
+                continue
+            pipeline.pipe.prompt_cache.clear()
+            _, streamed = self._engine_generation("race", pipeline, "race check", size, steps=3)
+            pipeline.pipe.prompt_cache.clear()
+            streaming.synchronous = True
+            sync_result, synchronous_same = self._engine_generation("race", pipeline, "race check", size, steps=3)
+            streaming.synchronous = False
+            self.info.setdefault("race_checks", {})[mode] = {
+                "size": size, "bit_identical": streamed == synchronous_same,
+                "sync_step_median_s": sync_result["step_median_s"]}
+            self.say(f"race check ({mode}): streamed == synchronous: {streamed == synchronous_same}")
+        self._set_mode(streaming, "bf16")
+        if self.args.profile and measure.cuda():
+            self._profile(pipeline, modes)
         self.info["host_dtypes"] = sorted({str(p.dtype) for u in streaming.dit.units for e in u.entries
                                            for p in [e.param]})
         del pipeline, streaming
+        if "compile" in "".join(self.args.modes):
+            import torch._dynamo
+
+            torch._dynamo.reset()  # compiled graphs may hold the pipeline's modules: let the next cases start clean
         self.free()
+
+    @staticmethod
+    def _set_mode(streaming, mode: str) -> bool:
+        """Switch the engine's compute mode: "bf16", "fp8", "compile" or "fp8+compile". False where unavailable."""
+        fp8 = streaming.set_fp8_compute("fp8" in mode)
+        compiled = streaming.set_torch_compile("compile" in mode)
+        return fp8 == ("fp8" in mode) and compiled == ("compile" in mode)
+
+    def _profile(self, pipeline, modes, steps: int = 4) -> None:
+        """GPU time per kind of kernel over a few steps at the first size, last budget's plan, per compute mode (prompt
+        cached: no text encoders; one VAE decode, shown apart): where a step's time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from engine.streaming import DECODE_TILES
+
+        size = self.args.sizes[0]
+        streaming = pipeline.streaming
+        # VAE decode alone, tiled (the plan's tiles) and untiled: what an untiled decode would save per image.
+        latents = torch.randn(1, 16, size // 8, size // 8, device="cuda", dtype=torch.bfloat16)
+        decoder = pipeline.pipe.vae_decoder
+        saved_tiles, timings = streaming.decode_tiles, {}
+        measure.emulate_card(None)  # timing only: the untiled decode may not fit this plan's cap
+        with torch.no_grad():
+            for label, tiles in (("tiled", DECODE_TILES), ("untiled", None)):
+                streaming.decode_tiles = tiles
+                times = []
+                for _ in range(4):
+                    measure.sync()
+                    started = time.perf_counter()
+                    decoder(latents)
+                    measure.sync()
+                    times.append(time.perf_counter() - started)
+                timings[f"decode_{label}_s"] = sorted(times[1:])[1]
+        streaming.decode_tiles = saved_tiles
+        del latents
+        measure.emulate_card(self.args.budgets[-1])
+        self.info["decode_alone"] = {"size": size, **timings,
+                                     "untiled_peak_gib": (streaming.report.untiled_decode_peak / GIB
+                                                          if streaming.report else None)}
+        self.say(f"decode alone: {self.info['decode_alone']}")
+        for mode in modes:
+            if not self._set_mode(streaming, mode):
+                continue
+            run = lambda: pipeline.pipe(prompt="profile", seed=0, num_inference_steps=steps, width=size, height=size,
+                                        progress_bar_cmd=lambda t: t)
+            run()  # warm: prompt cached, kernels compiled
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            kinds = measure.kernel_time_by_kind(prof)
+            per_step = {k: v / steps for k, v in kinds.items() if k != "vae conv"}
+            self.info.setdefault("profile_ms_per_step", {})[mode] = {
+                "size": size, "steps": steps, "vae_conv_ms_total": kinds.get("vae conv", 0.0),
+                **{k: round(v, 2) for k, v in sorted(per_step.items())}, "sum": round(sum(per_step.values()), 2)}
+            self.say(f"profile ({mode}): {self.info['profile_ms_per_step'][mode]}")
+        self._set_mode(streaming, "bf16")
+
+    @contextlib.contextmanager
+    def _load_phases(self, prefix: str):
+        """Name the poller's phases while the engine loads (DiffSynth's from_pretrained, then each model's packing
+        into host memory), so the load's RSS peak can be placed."""
+        from engine import pipeline as engine_pipeline
+        from engine import streaming as engine_streaming
+
+        from_pretrained = engine_pipeline._from_pretrained
+        streamer_init = engine_streaming.ModelStreamer.__init__
+        poller = self.poller
+
+        def traced_from_pretrained(*args, **kwargs):
+            poller.phase(f"{prefix}:1-diffsynth")
+            try:
+                return from_pretrained(*args, **kwargs)
+            finally:
+                poller.phase(f"{prefix}:2-after-diffsynth")
+
+        def traced_init(streamer, name, *args, **kwargs):
+            poller.phase(f"{prefix}:3-pack-{name}")
+            try:
+                streamer_init(streamer, name, *args, **kwargs)
+            finally:
+                poller.phase(f"{prefix}:4-after-{name}")
+
+        engine_pipeline._from_pretrained = traced_from_pretrained
+        engine_streaming.ModelStreamer.__init__ = traced_init
+        try:
+            yield
+        finally:
+            engine_pipeline._from_pretrained = from_pretrained
+            engine_streaming.ModelStreamer.__init__ = streamer_init
+            poller.phase(f"{prefix}:5-plan-done")
 
     def part_diffsynth(self) -> None:
         """(b) exactly upstream examples/flux/model_inference_low_vram/FLUX.1-dev.py's VRAM config."""
@@ -271,7 +399,8 @@ class Bench:
         vram_config = dict(offload_dtype=fp8, offload_device="cpu", onload_dtype=fp8, onload_device="cpu",
                            preparing_dtype=fp8, preparing_device=self.device, computation_dtype=torch.bfloat16,
                            computation_device=self.device)
-        for size, budget in [(s, b) for s in self.args.sizes for b in self.args.budgets]:  # 1024² first
+        sizes = self.args.diffsynth_sizes or self.args.sizes
+        for size, budget in [(s, b) for s in sizes for b in self.args.budgets]:  # 1024² first
             card = measure.emulate_card(None if self.tiny else budget)
             self.poller.phase("diffsynth:load")
             started = time.perf_counter()
@@ -410,28 +539,41 @@ def format_table(rows: list[dict], info: dict) -> str:
     notes.append(f"device: {env.get('gpu', 'cpu')} ({env.get('driver_pcie', '')}), torch {env.get('torch')}, "
                  f"{env.get('cpus')} CPUs, host RAM {_fmt(env.get('host_ram_gib'), 0)} GiB")
     if ceilings:
-        notes.append("ceilings: " + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in ceilings.items() if not k.endswith("error")))
+        notes.append("ceilings: " + ", ".join(f"{k} {_fmt(v, 3 if isinstance(v, float) and abs(v) < 1 else 1)}"
+                                              for k, v in ceilings.items() if not k.endswith("error")))
     for r in rows:
-        if r["case"] == "(d) drawbot stream":
+        if r["case"].startswith("(d)") and "resident_units" in r:
             plan = r.get("plan") or {}
-            notes.append(f"stream {r['budget']} GB {r['size']}²: decode tiled {plan.get('decode_tiled')}, "
-                         f"DiT resident {r['resident_units']}/{r['units']} units "
+            notes.append(f"{r.get('mode', 'bf16')} {r['budget']} GB {r['size']}²: decode tiled "
+                         f"{plan.get('decode_tiled')}, DiT resident {r['resident_units']}/{r['units']} units "
                          f"({_fmt(r['resident_gib'])} GiB), streamed {_fmt(r['streamed_gib'])} GiB/step, T5 streamed "
                          f"{_fmt(r['t5_streamed_gib'])} GiB, text on a repeated prompt {_fmt(r['text_cached_s'], 4)} s, "
                          f"NVML text/denoise/decode {_fmt(r['nvml_text_gib'])}/{_fmt(r['nvml_denoise_gib'])}/"
                          f"{_fmt(r['nvml_decode_gib'])} GiB, cap {_fmt((r.get('cap') or {}).get('cap_gib'))} GiB + "
                          f"context {_fmt((r.get('cap') or {}).get('context_gib'))} GiB")
     for r in rows:
-        if r["case"].startswith("(d) stream + fp8"):
+        if r["case"].startswith("(d)") and r.get("drift"):
             ratio = r["step_median_s"] / resident_step[r["size"]] if r["size"] in resident_step else None
-            notes.append(f"fp8 compute {r['budget']} GB {r['size']}²: {_fmt(r['step_median_s'], 3)} s/step vs bf16 "
-                         f"compute {_fmt(r['bf16_step_median_s'], 3)} (x{_fmt(ratio)} of resident bf16); drift vs bf16 "
-                         f"compute: " + ", ".join(f"{k} {_fmt(v)}" for k, v in r["drift"].items()))
-    for size, drift in (info.get("fp8_storage_drift") or {}).items():
-        notes.append(f"fp8 storage drift (stream: DiT+T5 float8, tiled decode; vs resident bf16), {size}², random "
-                     "weights: " + ", ".join(f"{k} {_fmt(v)}" for k, v in drift.items()))
-    if "race_check" in info:
-        notes.append(f"race check: streamed vs synchronous copies bit-identical: {info['race_check']['bit_identical']}")
+            notes.append(f"{r.get('mode', r['case'])} {r['budget']} GB {r['size']}²: "
+                         f"{_fmt(r['step_median_s'], 3)} s/step "
+                         f"vs bf16 compute {_fmt(r['bf16_step_median_s'], 3)}; x{_fmt(ratio)} of resident bf16 "
+                         f"(fp8 target 0.75); drift vs bf16 compute: "
+                         + ", ".join(f"{k} {_fmt(v)}" for k, v in r["drift"].items()))
+    for key, label in (("fp8_storage_drift", "fp8 storage (DiT+T5 float8, bf16 compute)"),
+                       ("fp8_storage_and_compute_drift", "fp8 storage + fp8 compute"),
+                       ("fp8_storage_compute_and_compile_drift", "fp8 storage + fp8 compute + compile")):
+        for size, drift in (info.get(key) or {}).items():
+            notes.append(f"{label} vs resident bf16, {size}², random weights: "
+                         + ", ".join(f"{k} {_fmt(v)}" for k, v in drift.items()))
+    checks = dict(info.get("race_checks") or {})
+    for key, mode in (("race_check", "bf16"), ("race_check_fp8", "fp8")):  # older result files
+        if key in info:
+            checks.setdefault(mode, info[key])
+    for mode, check in checks.items():
+        notes.append(f"race check ({mode}): streamed vs synchronous copies bit-identical: {check['bit_identical']}")
+    for mode, kinds in (info.get("profile_ms_per_step") or {}).items():
+        notes.append(f"GPU ms per step by kernel kind ({mode} compute, {kinds.get('size')}²): "
+                     + ", ".join(f"{k} {_fmt(v, 1)}" for k, v in kinds.items() if k not in ("size", "steps")))
     if "stream_host" in info:
         notes.append(f"stream host memory: {info['stream_host']}")
     for part, error in info.get("errors", {}).items():
@@ -445,10 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="weights,ceilings,resident,offload,stream")
     parser.add_argument("--budgets", default="8,12", help="emulated card sizes, GiB")
     parser.add_argument("--sizes", default="1024,512")
+    parser.add_argument("--diffsynth-sizes", default=None, help="sizes for (b) (default: --sizes); it is slow")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dit-repeats", type=int, default=5, help="timed DiT steps for (c)")
     parser.add_argument("--offload-all-sizes", action="store_true", help="offload: every size (default: the first)")
     parser.add_argument("--offload-all-budgets", action="store_true", help="offload: every budget (default: the first)")
+    parser.add_argument("--modes", default="bf16,fp8,fp8+compile",
+                        help="stream: engine compute modes, bf16 first: bf16, fp8, compile, fp8+compile")
+    parser.add_argument("--profile", action="store_true",
+                        help="stream: GPU time per kind of kernel (torch.profiler), bf16 and fp8 compute")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script, not speed")
     parser.add_argument("--out", default=None)
     parser.add_argument("--report", nargs="*", help="print one table from these result files and exit")
@@ -463,10 +610,14 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, info))
         return 0
     args.parts = args.parts.split(",")
+    args.modes = args.modes.split(",")
+    if args.modes[0] != "bf16" or not set(args.modes) <= set(STREAM_CASES):
+        parser.error(f"--modes: bf16 first, then any of {', '.join(STREAM_CASES)}")
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.diffsynth_sizes = [int(s) for s in args.diffsynth_sizes.split(",")] if args.diffsynth_sizes else None
     if args.tiny:
-        args.sizes = [64]
+        args.sizes, args.diffsynth_sizes = [64], None
         args.steps = min(args.steps, 2)
         args.dit_repeats = 1
         if args.models_dir == Path("bench-models"):

@@ -108,6 +108,11 @@ class PeakPoller:
     def gpu_now(self) -> int:
         return self._nvml.read() if self._nvml.read else 0
 
+    def phases(self) -> list[str]:
+        """Every phase name seen so far."""
+        with self._lock:
+            return list(self._rss)
+
     def peaks(self, *phases: str) -> dict[str, float]:
         """Peak GiB over the named phases: {"gpu": .., "rss": .., "outside": ..} (outside = device-wide - reserved)."""
         with self._lock:
@@ -308,7 +313,80 @@ def ceilings() -> dict:
         result["upcast_triton_error"] = f"{type(exc).__name__}: {exc}"[:200]
     del a, b, weight
     torch.cuda.empty_cache()
+    try:
+        result.update(fp8_linear_rates())
+    except Exception as exc:
+        result["fp8_linear_error"] = f"{type(exc).__name__}: {exc}"[:200]
     return result
+
+
+def fp8_linear_rates() -> dict:
+    """drawbot's float8 linear (engine.streaming.Float8Linears: per-row quantization + torch._scaled_mm) against a
+    bf16 linear with a bf16 weight, at the two largest Flux 1024² shapes (4608 tokens), plus the quantization pass
+    alone and the relative error against float32."""
+    from engine.streaming import Float8Linears
+
+    float8 = Float8Linears()
+    if float8.check(torch.device("cuda")) is not None:
+        return {"fp8_linear_error": float8.check(torch.device("cuda"))}
+    out: dict = {}
+    for name, (k, n) in {"qkv_mlp": (3072, 21504), "proj_out": (15360, 3072)}.items():
+        x = torch.randn(4608, k, device="cuda", dtype=torch.bfloat16)
+        weight = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.float8_e4m3fn)
+        weight_bf16 = weight.to(torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.01
+        flops = 2 * 4608 * k * n
+        bf16_s = _time_cuda(lambda: torch.nn.functional.linear(x, weight_bf16, bias))
+        fp8_s = _time_cuda(lambda: float8.linear(x, weight, bias))
+        quantize_s = _time_cuda(lambda: float8.quantize(x))
+        float8.fast_accumulation = False
+        fp8_exact_s = _time_cuda(lambda: float8.linear(x, weight, bias))
+        float8.fast_accumulation = True
+        codes, scale = float8.quantize(x)
+        unit, one = float8._unit_scale(x.device, n), torch.ones((), device="cuda")
+        for label, (scale_a, scale_b) in {"rowwise": (scale, unit), "tensorwise": (one, one)}.items():
+            try:  # the product alone, per scaling kind (row-wise: CUTLASS; tensor-wise: cuBLASLt)
+                out[f"{name}_mm_{label}_ms"] = 1e3 * _time_cuda(lambda: torch._scaled_mm(
+                    codes, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=torch.bfloat16,
+                    use_fast_accum=True))
+            except Exception as exc:
+                out[f"{name}_mm_{label}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        del codes, scale
+        exact = x.float() @ weight.float().t() + bias.float()
+        error = float((float8.linear(x, weight, bias).float() - exact).norm() / exact.norm())
+        out.update({f"{name}_bf16_ms": bf16_s * 1e3, f"{name}_fp8_ms": fp8_s * 1e3,
+                    f"{name}_fp8_no_fast_accum_ms": fp8_exact_s * 1e3, f"{name}_quantize_ms": quantize_s * 1e3,
+                    f"{name}_bf16_TFLOPs": flops / bf16_s / 1e12, f"{name}_fp8_TFLOPs": flops / fp8_s / 1e12,
+                    f"{name}_fp8_rel_error": error})
+        del x, weight, weight_bf16, bias, exact
+    torch.cuda.empty_cache()
+    return out
+
+
+KERNEL_KINDS = (
+    ("fp8 quantize", ("quantize_kernel",)),
+    ("fp8 upcast", ("upcast_kernel",)),
+    ("attention", ("flash", "fmha", "attention")),
+    ("vae conv", ("conv", "cudnn", "implicit", "winograd")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "f8f8bf16", "matmul")),
+    ("copy", ("memcpy", "memset")),
+)
+
+
+def kernel_time_by_kind(profiler) -> dict[str, float]:
+    """Milliseconds of GPU time per kind of kernel, from a torch.profiler run (kernel names matched loosely; the rest
+    is elementwise / norm / reduction work)."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        micros = getattr(event, "self_device_time_total", None)
+        if micros is None:
+            micros = getattr(event, "self_cuda_time_total", 0)
+        if not micros or getattr(event, "device_type", None) is not None and "CUDA" not in str(event.device_type):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "elementwise/other")
+        totals[kind] = totals.get(kind, 0.0) + micros / 1e3
+    return totals
 
 
 def environment() -> dict:

@@ -105,7 +105,12 @@ class FluxPipeline:
         plan = plan_memory(settings, device)
         started = time.monotonic()
         chatter = io.StringIO()  # DiffSynth prints a banner per model; keep the console and journal clean
-        with contextlib.redirect_stdout(chatter):
+        loading = contextlib.nullcontext()
+        if settings.mode == "stream":  # host RAM is what stream mode is short of: map little of each file at a time
+            from engine.streaming import frugal_loading
+
+            loading = frugal_loading()
+        with contextlib.redirect_stdout(chatter), loading:
             pipe = _from_pretrained(files, plan, device)
         log.debug("diffsynth said:\n%s", chatter.getvalue())
         log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device,
@@ -116,7 +121,11 @@ class FluxPipeline:
             from engine.streaming import enable_streaming
 
             pipeline.streaming = enable_streaming(pipe, device=device, budget_gb=settings.vram_budget_gb,
-                                                  width=settings.width, height=settings.height)
+                                                  width=settings.width, height=settings.height,
+                                                  fp8_compute=settings.fp8_compute,
+                                                  torch_compile=settings.torch_compile)
+        elif settings.fp8_compute or settings.torch_compile:
+            log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         return pipeline
 
     def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult:

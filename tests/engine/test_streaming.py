@@ -43,6 +43,8 @@ def streaming(stream_pipeline):
     own prompts, so the prompt cache never hides a text-encoder run."""
     state = stream_pipeline.streaming
     yield state
+    state.set_torch_compile(False)
+    state.set_fp8_compute(False)
     state.synchronous = False
     state.dit.set_resident(())
     state.t5.set_resident(())
@@ -196,18 +198,169 @@ def test_upcaster_passes_compute_dtype_through_and_casts_float8_exactly():
     assert torch.equal(upcast(weight, torch.bfloat16, "cpu"), weight.to(torch.bfloat16))
 
 
+def _fp8_matmul_skip_reason() -> str | None:
+    from engine.streaming import fp8_unsupported_reason
+
+    return fp8_unsupported_reason(torch.device("cpu"))
+
+
 def test_opt_in_float8_compute_changes_little_and_switches_back(stream_pipeline, streaming):
+    if _fp8_matmul_skip_reason():
+        pytest.skip(_fp8_matmul_skip_reason())
     pipe = stream_pipeline.pipe
     bf16 = draw(pipe, "a fox, compute dtype check")
-    streaming.set_fp8_compute(True)
+    assert streaming.set_fp8_compute(True) is True
     try:
+        assert streaming.fp8_compute
+        calls = streaming.float8.calls
         fp8 = draw(pipe, "a fox, compute dtype check")
+        assert streaming.float8.calls > calls  # the float8 products really ran
         assert np.array_equal(fp8, draw(pipe, "a fox, compute dtype check"))  # deterministic
     finally:
-        streaming.set_fp8_compute(False)
+        assert streaming.set_fp8_compute(False) is False
+    assert not streaming.fp8_compute
     assert not np.array_equal(fp8, bf16)  # activations rounded to float8: really a different computation
     assert np.abs(fp8.astype(int) - bf16.astype(int)).mean() < 8  # ...but close (of 255)
     assert np.array_equal(draw(pipe, "a fox, compute dtype check"), bf16)
+
+
+def test_quantize_rows_maps_each_row_onto_float8_within_half_a_step():
+    from engine.streaming import FP8_MAX, dequantize_rows, quantize_rows
+
+    torch.manual_seed(1)
+    x = torch.randn(6, 96) * torch.tensor([1e-3, 1.0, 30.0, 5e3, 0.0, 1.0])[:, None]
+    x[5, 7] = -700.0  # one outlier sets its row's scale
+    codes, scale = quantize_rows(x.to(torch.bfloat16))
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (6, 1)
+    x = x.to(torch.bfloat16).float()
+    magnitudes = codes.float().abs().amax(dim=1)
+    assert torch.equal(magnitudes[[0, 1, 2, 3, 5]], torch.full((5,), FP8_MAX))  # each row's largest value -> 448
+    assert torch.equal(codes[4].float(), torch.zeros(96))  # an all-zero row stays zero (no division by zero)
+    error = (dequantize_rows(codes, scale) - x).abs()
+    # e4m3: 3 mantissa bits, so normal values are off by at most 1/16 of themselves; subnormals by 2^-10 * scale
+    assert bool((error <= x.abs() / 16 + scale / 1024 + 1e-30).all())
+
+
+def test_float8_linear_matches_its_dequantized_reference_and_falls_back_for_few_rows(stream_pipeline, streaming):
+    if _fp8_matmul_skip_reason():
+        pytest.skip(_fp8_matmul_skip_reason())
+    from engine.streaming import Float8Linears, dequantize_rows, quantize_rows
+
+    torch.manual_seed(2)
+    float8 = Float8Linears()
+    x = torch.randn(2, 24, 64, dtype=torch.bfloat16)
+    weight = (torch.randn(48, 64) / 8).to(torch.float8_e4m3fn)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    out = float8.linear(x, weight, bias)
+    assert out.shape == (2, 24, 48) and out.dtype == torch.bfloat16
+    codes, scale = quantize_rows(x.reshape(-1, 64))
+    expected = (dequantize_rows(codes, scale) @ weight.float().t() + bias.float()).reshape(2, 24, 48)
+    assert torch.allclose(out.float(), expected, rtol=1e-2, atol=1e-2)  # the same math, bf16 output rounding
+    exact = x.float() @ weight.float().t() + bias.float()
+    assert float((out.float() - exact).norm() / exact.norm()) < 0.05  # activations rounded: a few % at most
+    assert float8.check(torch.device("cpu")) is None
+
+    # Installed on the tiny DiT: a block's modulation layer sees one row per image and keeps DiffSynth's bf16 path.
+    assert streaming.set_fp8_compute(True)
+    try:
+        modulation = stream_pipeline.pipe.dit.blocks[0].norm1_a.linear
+        assert "forward" in modulation.__dict__  # eligible, installed
+        before = streaming.float8.calls
+        with torch.no_grad():
+            modulation(torch.randn(1, modulation.in_features, dtype=torch.bfloat16))
+            assert streaming.float8.calls == before
+            modulation(torch.randn(1, 32, modulation.in_features, dtype=torch.bfloat16))
+        assert streaming.float8.calls == before + 1
+    finally:
+        streaming.set_fp8_compute(False)
+    assert "forward" not in modulation.__dict__
+
+
+def test_float8_compute_stays_bf16_with_a_warning_where_unsupported(stream_pipeline, streaming, monkeypatch, caplog):
+    from engine import streaming as module
+
+    assert "8.9" in module.fp8_unsupported_reason(torch.device("cuda"), capability=(8, 6))  # RTX 30xx
+    assert module.fp8_unsupported_reason(torch.device("cuda"), capability=(8, 9)) is None  # RTX 40xx
+    assert module.fp8_unsupported_reason(torch.device("cuda"), capability=(9, 0)) is None  # H100
+    monkeypatch.setattr(module, "fp8_unsupported_reason", lambda device: "compute capability 8.6 (injected)")
+    before = draw(stream_pipeline.pipe, "a fox, unsupported fp8")
+    with caplog.at_level("WARNING", logger="engine.streaming"):
+        assert streaming.set_fp8_compute(True) is False
+    assert "8.6 (injected)" in caplog.text and "bf16" in caplog.text
+    assert not streaming.fp8_compute and streaming.float8.installed == 0
+    assert np.array_equal(draw(stream_pipeline.pipe, "a fox, unsupported fp8"), before)
+
+
+def test_compute_config_keys_reach_the_streaming_pipeline(stream_settings, monkeypatch):
+    from engine import streaming as module
+    from engine.pipeline import FluxPipeline
+    from engine.settings import EngineSettings
+
+    assert EngineSettings().fp8_compute is False and EngineSettings().torch_compile is False  # both opt-in
+    if _fp8_matmul_skip_reason():
+        pytest.skip(_fp8_matmul_skip_reason())
+    real, seen = module.enable_streaming, {}
+
+    def spy(pipe, **kwargs):  # Inductor on a CPU takes minutes: trace with the "eager" backend instead
+        seen.update(kwargs)
+        return real(pipe, **{**kwargs, "compile_backend": "eager"})
+
+    monkeypatch.setattr(module, "enable_streaming", spy)
+    pipeline = FluxPipeline.load(stream_settings.model_copy(update={"fp8_compute": True, "torch_compile": True}))
+    try:
+        assert seen["fp8_compute"] is True and seen["torch_compile"] is True
+        assert pipeline.streaming.fp8_compute and pipeline.streaming.float8.installed > 0
+        assert pipeline.streaming.torch_compiled
+        result = pipeline.generate(GenerationRequest("a fox, fp8 from config", 3, 2, 64, 64), lambda d, t: None)
+        assert result.png
+    finally:
+        pipeline.streaming.set_torch_compile(False)
+        pipeline.streaming.set_fp8_compute(False)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiled_blocks_compute_what_the_eager_blocks_compute(stream_pipeline, streaming, fp8):
+    """torch.compile with the "eager" backend runs the captured graphs op for op: the same picture, bit for bit,
+    from one graph per block class (no graph breaks, no recompilation per block)."""
+    if fp8 and _fp8_matmul_skip_reason():
+        pytest.skip(_fp8_matmul_skip_reason())
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs are cached per code object, across pipelines: count this test's own
+    pipe = stream_pipeline.pipe
+    streaming.set_fp8_compute(fp8)
+    plain = draw(pipe, f"a fox, compile check {fp8}")
+    assert streaming.set_torch_compile(True, backend="eager")
+    try:
+        assert not streaming.float8.triton and not streaming.dit.upcaster.triton  # torch ops, for the compiler
+        counters.clear()
+        compiled = draw(pipe, f"a fox, compile check {fp8}")
+        assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    finally:
+        assert streaming.set_torch_compile(False) is False
+    assert np.array_equal(compiled, plain)
+    blocks = [*pipe.dit.blocks, *pipe.dit.single_blocks]
+    assert all("forward" not in block.__dict__ for block in blocks) and streaming.float8.triton
+
+
+def test_a_failed_compilation_falls_back_to_eager_blocks(stream_settings, diffsynth_reference, caplog):
+    from engine.pipeline import _from_pretrained, locate_model, plan_memory
+    from engine.streaming import enable_streaming
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C compiler here (injected)")
+
+    files, _ = locate_model(stream_settings)
+    pipe = _from_pretrained(files, plan_memory(stream_settings, "cpu"), "cpu")
+    with caplog.at_level("WARNING", logger="engine.streaming"):
+        streaming = enable_streaming(pipe, device="cpu", budget_gb=8, width=64, height=64, torch_compile=True,
+                                     compile_backend=broken_backend)
+    assert "injected" in caplog.text and "eagerly" in caplog.text
+    assert not streaming.torch_compiled
+    prompt = "a cat after a failed compile"
+    assert np.array_equal(draw(pipe, prompt), draw(diffsynth_reference, prompt))
 
 
 def test_tiled_decode_switch_reaches_the_vae(stream_pipeline, streaming):
@@ -220,3 +373,22 @@ def test_tiled_decode_switch_reaches_the_vae(stream_pipeline, streaming):
         streaming.decode_tiles = None
     assert tiled.shape == untiled.shape and not np.array_equal(tiled, untiled)
     assert np.array_equal(draw(pipe, "a fox, decode check"), untiled)
+
+
+def test_frugal_loading_keeps_little_of_each_file_mapped_and_restores_the_environment(stream_settings, monkeypatch):
+    """DiffSynth's DiskMap reads its re-open interval from the environment when it is made: inside the context it
+    gets drawbot's (smaller) one, outside DiffSynth's default again."""
+    import os
+
+    from diffsynth.core.vram.disk_map import DiskMap
+
+    from engine.pipeline import locate_model
+    from engine.streaming import LOAD_MAPPED_PARAMS, frugal_loading
+
+    monkeypatch.delenv("DIFFSYNTH_DISK_MAP_BUFFER_SIZE", raising=False)
+    files, _ = locate_model(stream_settings)
+    with frugal_loading():
+        inside = DiskMap(str(files.dit), "cpu")
+    outside = DiskMap(str(files.dit), "cpu")
+    assert inside.buffer_size == LOAD_MAPPED_PARAMS < outside.buffer_size
+    assert "DIFFSYNTH_DISK_MAP_BUFFER_SIZE" not in os.environ
