@@ -120,6 +120,8 @@ class ChatCore:
             "history": lambda: self.history(user, conv),
             "usage": lambda: self.usage(user, conv),
             "cancel": lambda: self.cancel(user, conv),
+            "ban": lambda: self._ban_text(user, conv, rest, ban=True),
+            "unban": lambda: self._ban_text(user, conv, rest, ban=False),
             "again": lambda: self._button_text(user, conv, "again", rest),
             "reroll": lambda: self._button_text(user, conv, "reroll", rest),
         }.get(command)
@@ -141,6 +143,16 @@ class ChatCore:
         answer = await self.on_button(user, conv, f"{action}:{rest.strip()}")
         if answer:
             await conv.send_text(conv.markup.escape(answer))
+
+    async def _ban_text(self, user: User, conv: Conversation, rest: str, *, ban: bool) -> None:
+        """/ban <user id>, /unban <user id>: admins only; the target is on the admin's own platform."""
+        target = rest.strip()
+        if not target or len(target.split()) != 1:
+            verb = "ban" if ban else "unban"
+            await conv.send_text(conv.markup.escape(f"Usage: /{verb} <user id>, e.g. /{verb} 123456789"))
+            return
+        answer = await (self.ban if ban else self.unban)(user, user.platform, target)
+        await conv.send_text(conv.markup.escape(answer))
 
     # -- typed commands (Discord) ----------------------------------------------------------------------------------
     async def draw(self, user: User, conv: Conversation, prompt: str, seed: int | None = None,

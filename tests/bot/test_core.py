@@ -248,3 +248,26 @@ async def test_housekeeping_redelivers_what_gave_up_and_applies_retention(tiny_s
     assert len(conv.pictures) == 2
     first, second = await store.get_job(record.id), (await store.history("console", "alice"))[0]
     assert first.image_path is None and second.image_path.is_file()  # only the newest picture is kept
+
+
+async def test_admin_bans_and_unbans_from_chat_and_others_cannot(tiny_settings, store, engine):
+    config = make_config(tiny_settings)
+    config = config.model_copy(update={"limits": config.limits.model_copy(update={"admins": ["console:alice"]})})
+    core = core_for(config, store, engine)
+    admin, bob = RecordingConversation("a"), RecordingConversation("b")
+    await core.on_text(BOB, bob, "/ban alice")
+    assert bob.texts()[-1] == "Only the bot's admins can ban."
+    await core.on_text(ALICE, admin, "/ban")
+    assert "Usage: /ban <user id>" in admin.texts()[-1]
+    await core.on_text(ALICE, admin, "/ban bob")
+    assert admin.texts()[-1] == "console:bob is banned (until an admin unbans them)."
+    await core.on_text(BOB, bob, "/draw a cat")
+    await core.on_text(BOB, bob, "/draw a cat")  # a banned user is told once, then ignored
+    assert len([t for t in bob.texts() if "blocked" in t]) == 1 and not bob.pictures
+    await core.on_text(ALICE, admin, "/ban alice")
+    assert "is an admin" in admin.texts()[-1]
+    await core.on_text(ALICE, admin, "/unban bob")
+    assert admin.texts()[-1] == "console:bob may draw again."
+    await core.on_text(BOB, bob, "/draw a cat")
+    await core.drain()
+    assert len(bob.pictures) == 1

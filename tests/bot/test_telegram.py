@@ -458,3 +458,19 @@ def test_retry_after_is_read_as_int_or_timedelta(monkeypatch, opt_in, kind):
         error = RetryAfter(3)
         assert isinstance(error.retry_after, kind)
         assert retry_after_seconds(error) == 3.0
+
+
+async def test_an_admin_bans_and_unbans_by_user_id(tmp_path, tiny_settings, tiny_pipeline):
+    bob_dm = FakeChat.private(BOB)
+    async with telegram_bot(tmp_path, tiny_settings, tiny_pipeline, admins=[f"telegram:{ALICE.id}"]) as h:
+        stranger = await h.reply_to(h.tg.send_text(bob_dm, BOB, f"/ban {ALICE.id}"))
+        banned = await h.reply_to(h.tg.send_text(ALICE_DM, ALICE, f"/ban {BOB.id}"))
+        refused = await h.reply_to(h.tg.send_text(bob_dm, BOB, "/draw a cat"))
+        lifted = await h.reply_to(h.tg.send_text(ALICE_DM, ALICE, f"/unban {BOB.id}"))
+        assert not h.tg.photos(BOB.id)
+        h.tg.send_text(bob_dm, BOB, "/draw a cat")
+        await h.tg.wait_for(lambda: h.tg.photos(BOB.id), WAIT, what="bob's picture after the unban")
+    assert stranger.text == "Only the bot's admins can ban."
+    assert banned.text == f"telegram:{BOB.id} is banned (until an admin unbans them)."
+    assert "blocked" in refused.text
+    assert lifted.text == f"telegram:{BOB.id} may draw again."
