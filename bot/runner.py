@@ -178,8 +178,12 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
     if console_on:
         from bot.adapters.console import ConsolePlatform
 
-        console_input = InterruptibleLines(stdin if stdin is not None else sys.stdin)
+        source = stdin if stdin is not None else sys.stdin
+        console_input = InterruptibleLines(source)
         platforms.append(ConsolePlatform(core, user=config.console.user, stdin=console_input, stdout=stdout))
+        if source.isatty() and not (telegram_token or discord_token) and config.logging.level == "INFO":
+            # A person is chatting in this terminal: INFO lines would interleave with the conversation.
+            logging.getLogger().setLevel(logging.WARNING)
     if telegram_token:
         from bot.adapters.telegram import TelegramPlatform
 
