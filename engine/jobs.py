@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -80,4 +80,3 @@ class EngineInfo:
     is_test_model: bool
     queue_length: int = 0
     running_job: str | None = None
-    extra: dict = field(default_factory=dict)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import threading
 import time
@@ -73,8 +72,6 @@ class Job:
         self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
         # Nobody need await a job (fire-and-forget submit): never warn "exception was never retrieved".
         self._future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self.submitted_at = time.monotonic()
-        self.started_at: float | None = None
 
     @property
     def position(self) -> int:
@@ -125,7 +122,6 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task | None = None
-        self._ids = itertools.count(1)
         # One thread: the GPU runs one job at a time and the models are only touched from this thread.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="drawbot-gpu")
 
@@ -218,7 +214,6 @@ class Engine:
             self._announce_positions()
             self._running = job
             job.state = JobState.RUNNING
-            job.started_at = time.monotonic()
             job._emit(JobEvent(job.id, "started"))
             try:
                 result = await loop.run_in_executor(self._executor, self._run_blocking, job, loop)
