@@ -8,10 +8,14 @@ two operator schemas, drop the half-imported torchvision and import it again. Di
 `torch.<device>.empty_cache()` and `torch.<device>.mem_get_info()`, which torch.cpu lacks; CPU versions are added.
 
 On a CUDA torch the import simply succeeds and nothing here changes anything.
+
+Also here, because `drawbot doctor` asks it without loading DiffSynth: whether this machine can run torch.compile.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 
 import torch
@@ -59,3 +63,32 @@ def _patch_cpu_memory_api() -> None:
             return vm.available, vm.total
 
         torch.cpu.mem_get_info = mem_get_info  # type: ignore[attr-defined]
+
+
+MIN_COMPILE_CAPABILITY = (8, 0)
+"""torch.compile's kernels (Triton) in bfloat16 need Ampere or newer: RTX 30xx, 40xx, A100, H100."""
+
+
+def c_compiler() -> str | None:
+    """The C compiler Triton builds its launchers with ($CC, else gcc / clang / cc on PATH), or None."""
+    wanted = os.environ.get("CC")
+    candidates = [wanted] if wanted else ["gcc", "clang", "cc"]
+    return next((found for name in candidates if (found := shutil.which(name))), None)
+
+
+def compile_unsupported_reason(device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
+    """Why `torch_compile = "auto"` leaves the DiT blocks eager on `device`, or None when it compiles them: only on a
+    CUDA GPU of compute capability 8.0+, with Triton importable and a C compiler on PATH (Triton needs one)."""
+    if device.type != "cuda":
+        return f"torch.compile is used on CUDA GPUs only (the engine runs on {device.type})"
+    capability = capability or torch.cuda.get_device_capability(device)
+    if tuple(capability) < MIN_COMPILE_CAPABILITY:
+        return (f"torch.compile needs a GPU of compute capability 8.0 or newer (RTX 30xx+); this one is "
+                f"{capability[0]}.{capability[1]}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (it comes with torch's Linux CUDA wheels)"
+    if c_compiler() is None:
+        return "no C compiler on PATH (Triton builds its kernels' launchers with one): install gcc"
+    return None

@@ -124,7 +124,7 @@ class FluxPipeline:
                                                   width=settings.width, height=settings.height,
                                                   fp8_compute=settings.fp8_compute,
                                                   torch_compile=settings.torch_compile)
-        elif settings.fp8_compute or settings.torch_compile:
+        elif settings.fp8_compute or settings.torch_compile is True:
             log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         return pipeline
 
@@ -145,20 +145,37 @@ class FluxPipeline:
                 last = now
                 on_step(done, total)
 
+        def draw():
+            return self.pipe(
+                prompt=request.prompt,
+                seed=request.seed,
+                num_inference_steps=request.steps,
+                height=request.height,
+                width=request.width,
+                embedded_guidance=self.settings.guidance,
+                tiled=self.plan.tiled_vae,
+                progress_bar_cmd=progress,
+            )
+
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.monotonic()
-        image = self.pipe(
-            prompt=request.prompt,
-            seed=request.seed,
-            num_inference_steps=request.steps,
-            height=request.height,
-            width=request.width,
-            embedded_guidance=self.settings.guidance,
-            tiled=self.plan.tiled_vae,
-            progress_bar_cmd=progress,
-        )
+        try:
+            image = draw()
+        except Exception as exc:
+            # A new picture size compiles the DiT blocks again; if that fails, this picture (and every later one)
+            # is drawn with eager blocks instead of failing.
+            from engine.streaming import is_compile_failure
+
+            if self.streaming is None or not self.streaming.torch_compiled or not is_compile_failure(exc):
+                raise
+            log.warning("torch.compile failed at %dx%d (%s: %s); the DiT blocks run eagerly from now on",
+                        request.width, request.height, type(exc).__name__, str(exc)[:300])
+            self.streaming.reset()
+            self.streaming.set_torch_compile(False)
+            step_times.clear()
+            image = draw()
         seconds = time.monotonic() - started
         parameters = a1111_parameters(request, model_name=self.model_name, guidance=self.settings.guidance,
                                       version=self._version)

@@ -31,11 +31,13 @@ class EngineSettings(BaseModel):
     """`stream` mode only, opt-in: the DiT blocks' matrix products run in float8 (torch._scaled_mm) instead of bf16:
     faster on GPUs of compute capability 8.9+ (RTX 40xx, H100), with slightly different pictures. Elsewhere drawbot
     logs a warning and computes in bf16."""
-    torch_compile: bool = False
-    """`stream` mode only, opt-in: run the DiT blocks under torch.compile (needs Triton, i.e. an NVIDIA GPU on
-    Linux), which fuses the many small kernels between the matrix products: ≈20-35% faster steps. Each picture size
-    compiles once, at its first picture (≈10 s on a 16-core machine, longer on fewer cores); if compiling fails,
-    drawbot says so in the log and runs the blocks as they are."""
+    torch_compile: bool | Literal["auto"] = "auto"
+    """`stream` mode: run the DiT blocks under torch.compile, which fuses the many small kernels between the matrix
+    products: ≈25-30% faster steps (H200, bench/README.md). `"auto"` compiles on CUDA GPUs of compute capability 8.0+
+    (RTX 30xx and newer) when Triton and a C compiler (gcc) are there, and stays eager elsewhere; `true` always tries,
+    `false` never. Compiling happens at start-up (≈10 s on a 16-core machine, longer on fewer cores) and once more at
+    the first picture of another size; the systemd unit keeps the compiled kernels across restarts. If compiling
+    fails, drawbot says so in the log and runs the blocks as they are."""
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     default_steps: int = Field(default=20, ge=1, le=200)
     min_steps: int = Field(default=1, ge=1, le=200)

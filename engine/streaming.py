@@ -44,13 +44,15 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 
 from engine import compat
+from engine.compat import compile_unsupported_reason
 
 compat.apply()  # before the first diffsynth import
 
@@ -384,6 +386,18 @@ def _build_triton_quantize():
         return codes, scale
 
     return quantize
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether an exception from a generation came from torch.compile failing (Dynamo or Inductor, e.g. no C
+    compiler, a Triton bug) rather than from running the model (out of memory, a cancelled job)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # a torch without Dynamo cannot have compiled anything
+        return False
+    return isinstance(exc, TorchDynamoException)
 
 
 def fp8_unsupported_reason(device: torch.device, capability: tuple[int, int] | None = None) -> str | None:
@@ -993,14 +1007,15 @@ class PipelineStreaming:
         return self._compiled
 
     def set_torch_compile(self, enabled: bool, *, backend="inductor") -> bool:
-        """Opt-in: the DiT blocks' forwards run under torch.compile: one graph per block class, shared by all 57
-        blocks (the streaming hooks stay outside it, so residency and streaming work unchanged). Inductor fuses the
-        norms, RoPE, modulation, GELU and the float8 quantization between the matrix products, which DiffSynth runs
-        as dozens of separate kernels per block. Measured on an H200 at 12 GB, 1024²: 0.166 -> 0.109 s/step with
-        float8 compute, 0.203 -> 0.144 in bf16 (bench/README.md). Compilation happens at the first generation of
-        each picture size (≈10 s on 16 cores), not here; `enable_streaming` falls back to eager blocks when it
-        fails. torch.compile keeps 8 graphs per block class (its recompile limit): sizes beyond run eagerly.
-        Returns whether the blocks are compiled."""
+        """The DiT blocks' forwards run under torch.compile: one graph per block class, shared by all 57 blocks (the
+        streaming hooks stay outside it, so residency and streaming work unchanged). Inductor fuses the norms, RoPE,
+        modulation, GELU and the float8 quantization between the matrix products, which DiffSynth runs as dozens of
+        separate kernels per block. Measured on an H200 at 12 GB, 1024²: 0.203 -> 0.144 s/step in bf16, 0.166 ->
+        0.109 with float8 compute (bench/README.md). Compilation happens at the first generation, not here (≈10 s on
+        16 cores; `enable_streaming` does it at start-up and falls back to eager blocks when it fails). The first
+        size gets graphs for its exact shapes; the first *other* size compiles once more, with the token count
+        symbolic, and every later size reuses that (torch.compile's automatic dynamic shapes), so a bot whose users
+        pick any aspect ratio compiles twice, not once per size. Returns whether the blocks are compiled."""
         blocks = [*self.pipe.dit.blocks, *self.pipe.dit.single_blocks]
         for block in blocks:
             block.__dict__.pop("forward", None)
@@ -1008,8 +1023,8 @@ class PipelineStreaming:
         self.float8.triton = self.dit.upcaster.triton = True
         if not enabled:
             return False
-        # Static shapes: one graph per picture size, the fastest kernels for the sizes a bot actually draws.
-        compiled = {cls: torch.compile(cls.forward, backend=backend, dynamic=False)
+        # dynamic=None: exact shapes first, then one shape-generic graph at the first size change (see above).
+        compiled = {cls: torch.compile(cls.forward, backend=backend, dynamic=None)
                     for cls in {type(block) for block in blocks}}
         for block in blocks:
             block.forward = functools.partial(compiled[type(block)], block)
@@ -1083,16 +1098,22 @@ class PipelineStreaming:
 
 def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height: int,
                      slots: int = DEFAULT_SLOTS, margin_gb: float = DEFAULT_MARGIN_GB,
-                     fp8_compute: bool = False, torch_compile: bool = False,
+                     fp8_compute: bool = False, torch_compile: bool | Literal["auto"] = False,
                      compile_backend="inductor") -> PipelineStreaming:
     """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
     `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height,
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
-    `set_torch_compile`); on a CPU everything is streamed (the tests exercise the full streaming path that way).
-    When compilation fails in that first generation, the blocks run eagerly (with a warning) and it is redone."""
+    `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
+    everything is streamed (the tests exercise the full streaming path that way). That first generation also
+    compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone."""
     streaming = PipelineStreaming(pipe, device, slots=slots)
     if fp8_compute:
         streaming.set_fp8_compute(True)
+    if torch_compile == "auto":
+        reason = compile_unsupported_reason(torch.device(device))
+        if reason is not None:
+            log.info("engine.torch_compile = \"auto\": blocks stay eager (%s)", reason)
+        torch_compile = reason is None
     if torch_compile:
         streaming.set_torch_compile(True, backend=compile_backend)
 
@@ -1106,16 +1127,19 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         elif streaming.torch_compiled:
             calibrate()  # compile now, where a failure can still fall back
 
+    started = time.monotonic()
     try:
         first_generation()
     except Exception as exc:
-        if not streaming.torch_compiled:
+        if not streaming.torch_compiled or not is_compile_failure(exc):
             raise
         log.warning("torch.compile of the DiT blocks failed (%s: %s); running them eagerly", type(exc).__name__,
                     str(exc)[:300])
         streaming.reset()
         streaming.set_torch_compile(False)
         first_generation()
+    if streaming.torch_compiled:
+        log.info("DiT blocks compiled (torch.compile) in the first generation: %.1f s", time.monotonic() - started)
     install_prompt_cache(pipe)
     return streaming
 

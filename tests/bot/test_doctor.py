@@ -173,6 +173,20 @@ def test_missing_gpu_index_fails(tmp_path):
     assert check.verdict is Verdict.FAIL and "cuda:0" in check.fix
 
 
+def test_torch_compile_check_says_whether_the_blocks_will_compile_and_what_is_missing(tmp_path):
+    assert checks_by_name(real_config(tmp_path), HEALTHY)["torch.compile"].verdict is Verdict.OK  # "auto", ready
+    assert "on:" in checks_by_name(real_config(tmp_path), HEALTHY)["torch.compile"].detail
+    no_gcc = replace(HEALTHY, gpus=(replace(RTX_3060, compile_blocker="no C compiler on PATH (injected)"),))
+    check = checks_by_name(real_config(tmp_path), no_gcc)["torch.compile"]
+    assert check.verdict is Verdict.WARN and "injected" in check.detail and "apt install gcc" in check.fix
+    forced = checks_by_name(real_config(tmp_path, torch_compile=True), no_gcc)["torch.compile"]
+    assert forced.verdict is Verdict.WARN and "fail and run eagerly" in forced.fix
+    old_card = replace(HEALTHY, gpus=(replace(RTX_3060, capability=(7, 5), compile_blocker="capability 7.5"),))
+    assert checks_by_name(real_config(tmp_path), old_card)["torch.compile"].verdict is Verdict.OK  # nothing to fix
+    off = checks_by_name(real_config(tmp_path, torch_compile=False), no_gcc)["torch.compile"]
+    assert off.verdict is Verdict.OK and "off" in off.detail
+
+
 def test_host_ram_against_the_mode(tmp_path):
     small = replace(HEALTHY, ram_total=16 * GIB, ram_available=14 * GIB)
     check = checks_by_name(real_config(tmp_path, mode="offload"), small)["ram"]

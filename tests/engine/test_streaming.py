@@ -297,7 +297,8 @@ def test_compute_config_keys_reach_the_streaming_pipeline(stream_settings, monke
     from engine.pipeline import FluxPipeline
     from engine.settings import EngineSettings
 
-    assert EngineSettings().fp8_compute is False and EngineSettings().torch_compile is False  # both opt-in
+    assert EngineSettings().fp8_compute is False  # opt-in: it changes the pictures
+    assert EngineSettings().torch_compile == "auto"  # on where it can run (never on a CPU)
     if _fp8_matmul_skip_reason():
         pytest.skip(_fp8_matmul_skip_reason())
     real, seen = module.enable_streaming, {}
@@ -392,3 +393,55 @@ def test_frugal_loading_keeps_little_of_each_file_mapped_and_restores_the_enviro
     outside = DiskMap(str(files.dit), "cpu")
     assert inside.buffer_size == LOAD_MAPPED_PARAMS < outside.buffer_size
     assert "DIFFSYNTH_DISK_MAP_BUFFER_SIZE" not in os.environ
+
+
+def test_auto_compile_stays_eager_on_a_cpu(stream_pipeline):
+    assert stream_pipeline.settings.torch_compile == "auto"
+    assert not stream_pipeline.streaming.torch_compiled
+
+
+def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_settings, monkeypatch, caplog):
+    """The first size compiles at start-up; another size compiles again at its first picture. When that fails (say
+    Triton breaks on it), the picture is still drawn, eagerly, and the blocks stay eager from then on."""
+    import torch._dynamo
+
+    from engine import streaming as module
+    from engine.pipeline import FluxPipeline
+
+    torch._dynamo.reset()
+    broken = {"now": False}
+
+    def backend(graph, example_inputs):
+        if broken["now"]:
+            raise RuntimeError("Triton failed on this shape (injected)")
+        return graph.forward
+
+    real = module.enable_streaming
+    monkeypatch.setattr(module, "enable_streaming", lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": backend}))
+    pipeline = FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True}))
+    try:
+        assert pipeline.streaming.torch_compiled  # compiled at start-up (64x64), without trouble
+        pipeline.generate(GenerationRequest("a fox, compiled size", 3, 2, 64, 64), lambda d, t: None)
+        broken["now"] = True
+        steps: list[tuple[int, int]] = []
+        with caplog.at_level("WARNING", logger="engine.pipeline"):
+            result = pipeline.generate(GenerationRequest("a fox, new size", 3, 2, 96, 64),
+                                       lambda d, t: steps.append((d, t)))
+        assert "injected" in caplog.text and "eagerly" in caplog.text and "96x64" in caplog.text
+        assert not pipeline.streaming.torch_compiled
+        assert steps[-1] == (2, 2) and result.seconds_per_step > 0
+        again = pipeline.generate(GenerationRequest("a fox, new size", 3, 2, 96, 64), lambda d, t: None)
+        assert again.png == result.png  # what the eager blocks draw
+    finally:
+        pipeline.streaming.set_torch_compile(False)
+        torch._dynamo.reset()
+
+
+def test_only_compile_failures_count_as_compile_failures():
+    from torch._dynamo.exc import TorchDynamoException
+
+    from engine.streaming import is_compile_failure
+
+    assert not is_compile_failure(torch.OutOfMemoryError("CUDA out of memory (injected)"))
+    assert not is_compile_failure(RuntimeError("cancelled"))
+    assert is_compile_failure(TorchDynamoException("no C compiler"))  # Dynamo's and Inductor's errors derive from it
