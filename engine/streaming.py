@@ -7,9 +7,9 @@ and evicts everything after each request (shared notes, performance.md §4). Her
 - A model is cut into *units* that run one after another (the DiT's 19 double + 38 single blocks; T5's embedding
   and 24 blocks). Each unit's weights are packed into one flat byte range of a single host allocation, kept in their
   storage dtype (float8_e4m3fn for the DiT), page-locked once (`cudaHostRegister`, exact size).
-- As many units as the VRAM budget allows stay *resident* on the GPU, for good (never evicted between requests). They
-  are chosen spread out through the execution order, so that each streamed unit's copy overlaps the compute of the
-  resident units around it. The plan comes from measured sizes: unit bytes, and the device-wide peak of one
+- As many units as the VRAM budget allows stay *resident* on the GPU, for good (never evicted between requests); their
+  host copies are handed back to the OS. They are chosen spread out through the execution order, so that each
+  streamed unit's copy overlaps the compute of the resident units around it. The plan comes from measured sizes: unit bytes, and the device-wide peak of one
   calibration generation (below); the VAE decodes in tiles when an untiled decode would be the peak.
 - Every other unit is *streamed*: a ring of a few GPU slot buffers, filled on a side CUDA stream in execution order;
   unit k's forward waits (on the GPU, not the host) for its copy, and the slot is refilled with the next streamed
@@ -42,6 +42,7 @@ import ctypes
 import functools
 import itertools
 import logging
+import mmap
 import os
 import threading
 import time
@@ -129,34 +130,81 @@ def frugal_loading() -> Iterator[None]:
         _return_freed_host_memory()
 
 
-def _unregister(pointer: int) -> None:
-    try:
-        torch.cuda.cudart().cudaHostUnregister(pointer)
-    except Exception:  # interpreter shutdown: CUDA may be gone already
-        pass
+PAGE = mmap.PAGESIZE
+
+
+def _page_align(nbytes: int) -> int:
+    return (nbytes + PAGE - 1) // PAGE * PAGE
+
+
+def _unregister_all(base: int, pinned: dict[int, int]) -> None:
+    for offset in list(pinned):
+        try:
+            torch.cuda.cudart().cudaHostUnregister(base + offset)
+        except Exception:  # interpreter shutdown: CUDA may be gone already
+            pass
+    pinned.clear()
 
 
 class HostMemory:
-    """One flat uint8 host allocation, page-locked by `pin()` (cudaHostRegister of exactly `nbytes`; torch's
-    `pin_memory()` would round every block up to a power of two, up to 1.5x the host RAM for these sizes)."""
+    """One flat uint8 host allocation holding a model's units, each starting on a page. It is an anonymous private
+    memory map, so the pages of one unit can be handed back to the OS (`release`) once that unit lives on the GPU for
+    good, and the bytes come back (`restore`) if it is ever streamed again. Units are page-locked one by one
+    (cudaHostRegister of exactly their range; torch's `pin_memory()` would round every block up to a power of two,
+    up to 1.5x the host RAM for these sizes)."""
 
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        self.pinned = False
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self._map = mmap.mmap(-1, max(nbytes, PAGE), **({"flags": flags} if flags else {}))
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[:nbytes]
+        self._pinned: dict[int, int] = {}  # offset -> registered bytes
+        self._released: dict[int, int] = {}  # offset -> bytes handed back to the OS
+        self._pin_failed = False
+        weakref.finalize(self, _unregister_all, self.tensor.data_ptr(), self._pinned)
 
-    def pin(self) -> None:
-        """Page-lock, once filled: registering touches every page, so pinning first would hold the buffer and the
-        weights it is filled from at the same time."""
-        if self.pinned or not self.nbytes:
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(self._pinned.values())
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the allocation backed by memory (not handed back)."""
+        return self.nbytes - sum(self._released.values())
+
+    def pin(self, offset: int, nbytes: int) -> None:
+        """Page-lock one unit's range, once filled: registering touches every page, so pinning first would hold the
+        buffer and the weights it is filled from at the same time."""
+        if not nbytes or offset in self._pinned or self._pin_failed:
             return
-        error = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0))
+        error = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr() + offset, nbytes, 0))
         if error == 0:
-            self.pinned = True
-            weakref.finalize(self, _unregister, self.tensor.data_ptr())
+            self._pinned[offset] = nbytes
         else:  # e.g. a locked-memory limit (WSL): still correct, only slower copies
-            log.warning("could not page-lock %.1f GiB of host memory (cudaError %d); copies will be slower",
-                        self.nbytes / GIB, error)
+            self._pin_failed = True
+            log.warning("could not page-lock host memory for the weights (cudaError %d); copies will be slower", error)
+
+    def release(self, offset: int, nbytes: int) -> bool:
+        """Hand a unit's pages back to the OS (its bytes read as zeros afterwards). False where the OS cannot (no
+        madvise): the bytes stay."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None or not hasattr(self._map, "madvise") or offset in self._released or not nbytes:
+            return False
+        if offset in self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr() + offset)
+            del self._pinned[offset]
+        self._map.madvise(advice, offset, _page_align(nbytes))
+        self._released[offset] = nbytes
+        return True
+
+    def restore(self, offset: int, source: torch.Tensor, *, pin: bool) -> None:
+        """Fill a released range again (from the unit's GPU copy) and page-lock it."""
+        if offset not in self._released:
+            return  # never handed back: the bytes are still there
+        self.tensor[offset:offset + source.numel()].copy_(source)
+        del self._released[offset]
+        if pin:
+            self.pin(offset, source.numel())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,6 +229,7 @@ class _Unit:
     entries: list[_Entry]
     nbytes: int
     host: torch.Tensor | None = None  # uint8 view into the model's HostMemory
+    host_offset: int = 0  # where `host` starts in it (a page boundary)
     host_views: list[torch.Tensor] = field(default_factory=list)
     device: torch.Tensor | None = None  # uint8 buffer on the GPU while resident
     device_views: list[torch.Tensor] = field(default_factory=list)
@@ -637,20 +686,23 @@ class ModelStreamer:
                 offset = _align(offset + nbytes)
             self.units.append(_Unit(index, module, entries, offset))
 
-        # Pack all units into one host allocation, unit by unit, dropping each original tensor once copied, so the
-        # host holds little more than one copy at any time.
-        self.host_memory = HostMemory(sum(u.nbytes for u in self.units))
+        # Pack all units into one host allocation, unit by unit (each on its own pages), dropping each original tensor
+        # once copied, so the host holds little more than one copy at any time.
+        self.pin = pin
+        self.host_memory = HostMemory(sum(_page_align(u.nbytes) for u in self.units))
         start = 0
         for unit in self.units:
+            unit.host_offset = start
             unit.host = self.host_memory.tensor[start:start + unit.nbytes]
             unit.host_views = unit.views(unit.host)
             for entry, view in zip(unit.entries, unit.host_views):
                 view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
             unit.point(unit.host_views)
-            start += unit.nbytes
+            start += _page_align(unit.nbytes)
             _return_freed_host_memory()  # unit by unit: the host never holds much more than one copy
         if pin:
-            self.host_memory.pin()
+            for unit in self.units:
+                self.host_memory.pin(unit.host_offset, unit.nbytes)
 
         # Everything outside the units stays on the GPU for good.
         self.global_bytes = 0
@@ -715,7 +767,9 @@ class ModelStreamer:
         self._replan()
 
     def set_resident(self, indices: Sequence[int] | frozenset[int]) -> None:
-        """Keep exactly these units on the GPU (copied once, blocking); the others are streamed."""
+        """Keep exactly these units on the GPU (copied once, blocking); the others are streamed. A resident unit's
+        host copy is handed back to the OS (at 12 GB that is 7.7 GiB of host RAM for MajicFLUX's DiT); if the unit
+        is streamed again later, its bytes are copied back from the GPU first."""
         wanted = set(indices)
         if not wanted <= set(range(len(self.units))):
             raise ValueError(f"{self.name}: no such units {sorted(wanted - set(range(len(self.units))))}")
@@ -723,10 +777,12 @@ class ModelStreamer:
         for unit in self.units:
             if unit.index in wanted and unit.device is None:
                 unit.device = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                unit.device.copy_(unit.host)
+                unit.device.copy_(unit.host)  # blocking: done before the host pages go
                 unit.device_views = unit.views(unit.device)
                 unit.point(unit.device_views)
+                self.host_memory.release(unit.host_offset, unit.nbytes)
             elif unit.index not in wanted and unit.device is not None:
+                self.host_memory.restore(unit.host_offset, unit.device, pin=self.pin)
                 unit.point(unit.host_views)
                 unit.device, unit.device_views = None, []
         self._replan()
@@ -1035,11 +1091,12 @@ class PipelineStreaming:
 
     @property
     def host_bytes(self) -> int:
-        return sum(s.host_memory.nbytes for s in self.streamers)
+        """Host memory holding weights now (resident units' host copies are handed back)."""
+        return sum(s.host_memory.held_bytes for s in self.streamers)
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(s.host_memory.nbytes for s in self.streamers if s.host_memory.pinned)
+        return sum(s.host_memory.pinned_bytes for s in self.streamers)
 
     def plan(self, budget_gb: float, calibrate: Callable[[], None], *, width: int, height: int,
              margin_gb: float = DEFAULT_MARGIN_GB) -> MemoryReport:

@@ -80,6 +80,27 @@ def test_partly_resident_plans_give_the_same_image(stream_pipeline, streaming, d
     assert np.array_equal(draw(pipe, "a cat, partly resident"), draw(diffsynth_reference, "a cat, partly resident"))
 
 
+def test_resident_units_hand_their_host_copy_back_and_get_it_again_when_streamed(stream_pipeline, streaming,
+                                                                                 diffsynth_reference):
+    dit, memory = streaming.dit, streaming.dit.host_memory
+    before = {i: dit.units[i].host.clone() for i in (0, 2)}
+    assert all(bool(b.any()) for b in before.values())  # real weight bytes
+    held = memory.held_bytes
+    dit.set_resident({0, 2})
+    assert memory.held_bytes == held - dit.units[0].nbytes - dit.units[2].nbytes
+    assert streaming.host_bytes < sum(s.host_memory.nbytes for s in streaming.streamers)
+    # The OS took the pages back: an anonymous page handed back reads as zeros (nobody wrote zeros there).
+    assert not dit.units[0].host.any() and not dit.units[2].host.any()
+    assert all(torch.equal(dit.units[i].device, before[i]) for i in (0, 2))  # the GPU copy is the only one now
+    prompt = "a heron, host copies handed back"
+    assert np.array_equal(draw(stream_pipeline.pipe, prompt), draw(diffsynth_reference, prompt))
+    dit.set_resident(())  # streamed again: the bytes come back from the GPU copy, exactly
+    assert memory.held_bytes == held
+    assert all(torch.equal(dit.units[i].host, before[i]) for i in (0, 2))
+    assert np.array_equal(draw(stream_pipeline.pipe, prompt + ", streamed"),
+                          draw(diffsynth_reference, prompt + ", streamed"))
+
+
 def test_dit_weights_stay_float8_in_host_memory_and_run_from_the_slots(stream_pipeline, streaming):
     dit = stream_pipeline.pipe.dit
     host = streaming.dit.host_memory.tensor
