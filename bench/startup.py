@@ -1,0 +1,75 @@
+"""The engine as `drawbot run` starts it, on the full-size random-weight files (write them first with
+`python -m bench.weights --models-dir DIR`): the default config (mode "stream", torch_compile "auto") on an emulated
+card, then the pictures a bot meets in turn: the default size, the same again, two new aspect ratios, a small one.
+
+Prints one line per event: load (DiffSynth + packing + calibration, which compiles), each picture's time and
+s/step, whether the DiT blocks are compiled, the process's RSS now and at its peak, pinned host memory and the
+device-wide NVML peak. Not a test and not side by side: `bench.full_size` is the comparison.
+
+    python -m bench.startup --models-dir /tmp/fs --budget 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+from bench import measure
+from bench.measure import GIB
+
+SIZES = ((1024, 1024), (1024, 1024), (1344, 768), (832, 1216), (512, 512))
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=8.0, help="emulated card, GiB (engine.vram_budget_gb)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from engine.jobs import GenerationRequest
+    from engine.pipeline import FluxPipeline
+    from engine.settings import EngineSettings
+
+    events: list[dict] = []
+
+    def report(event: str, **values) -> None:
+        values = {"event": event, **values, "rss_gib": measure.rss_gib(), "peak_rss_gib": peak_rss_gib(),
+                  "nvml_peak_gib": poller.peaks(*poller.phases())["gpu"]}
+        events.append(values)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}), flush=True)
+
+    with measure.PeakPoller() as poller:
+        card = measure.emulate_card(args.budget)
+        report("start", card=card)
+        started = time.perf_counter()
+        tiny = dict(model="tiny", device="cpu", width=64, height=64) if args.tiny else {}
+        pipeline = FluxPipeline.load(EngineSettings(models_dir=args.models_dir, vram_budget_gb=args.budget, **tiny))
+        streaming = pipeline.streaming
+        report("loaded", seconds=time.perf_counter() - started, compiled=streaming.torch_compiled,
+               pinned_gib=streaming.pinned_bytes / GIB, host_weights_gib=streaming.host_bytes / GIB,
+               resident_units=len(streaming.dit.resident))
+        for number, (width, height) in enumerate(SIZES if not args.tiny else [(64, 64), (96, 64)]):
+            request = GenerationRequest(f"a lighthouse at dusk, picture {number}", 7, args.steps, width, height)
+            started = time.perf_counter()
+            result = pipeline.generate(request, lambda done, total: None)
+            report("picture", size=f"{width}x{height}", seconds=time.perf_counter() - started,
+                   s_per_step=result.seconds_per_step, compiled=streaming.torch_compiled)
+    if args.out:
+        Path(args.out).write_text(json.dumps(events, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
