@@ -34,8 +34,9 @@ MIN_TORCH = (2, 4)
 
 # Host RAM each mode needs for MajicFLUX, in GiB as the OS reports it: the weights kept in RAM plus ~1.5 GiB for
 # Python, torch and DiffSynth. offload: fp8 DiT 11.1 + bf16 T5 9.1 + CLIP/VAE 0.4 = 20.6; stream: fp8 DiT 11.1 +
-# fp8 T5 4.6 + 0.4 = 16.1; resident: only what loading passes through.
-RAM_NEEDED_GIB = {"offload": 24.0, "stream": 22.0, "resident": 12.0}  # load peaks measured in bench/ (RSS)
+# fp8 T5 4.6 + 0.4 = 16.1 while loading (the bot process peaked at 17.7 GiB, bench/startup.py), then less: the GPU's
+# blocks give their host copies back (13.9 GiB at an 8 GB budget, 9.7 at 12); resident: what loading passes through.
+RAM_NEEDED_GIB = {"offload": 24.0, "stream": 20.0, "resident": 12.0}  # load peaks measured in bench/ (RSS)
 RESIDENT_VRAM_GIB = 24.0
 """`resident` keeps fp8 DiT + bf16 T5/CLIP/VAE (~22 GiB) on the card, plus activations."""
 SLOW_BUDGET_GIB = 6.0

@@ -33,7 +33,7 @@ class EngineSettings(BaseModel):
     logs a warning and computes in bf16."""
     torch_compile: bool | Literal["auto"] = "auto"
     """`stream` mode: run the DiT blocks under torch.compile, which fuses the many small kernels between the matrix
-    products: ≈25-30% faster steps (H200, bench/README.md). `"auto"` compiles on CUDA GPUs of compute capability 8.0+
+    products: 22-28% faster steps (H200, bench/README.md). `"auto"` compiles on CUDA GPUs of compute capability 8.0+
     (RTX 30xx and newer) when Triton and a C compiler (gcc) are there, and stays eager elsewhere; `true` always tries,
     `false` never. Compiling happens at start-up (≈10 s on a 16-core machine, longer on fewer cores) and once more at
     the first picture of another size; the systemd unit keeps the compiled kernels across restarts. If compiling
