@@ -22,10 +22,11 @@ and evicts everything after each request (shared notes, performance.md §4). Her
   DiffSynth's per-call deep copy of norm modules (same values: fp8->bf16 is exact).
 - The plan is made from the device-wide peak (what nvidia-smi shows: CUDA context, cuBLAS/cuDNN workspaces and the
   allocator's cache included) sampled during the calibration generation, so the budget holds for the whole card.
-- Opt-in, per compute mode: float8 compute (`Float8Linears`: the blocks' linears multiply the float8 weights as
-  stored with `torch._scaled_mm`, activations quantized per token on the GPU) and `torch.compile` of the DiT blocks
-  (one graph per block class; the hooks above stay outside it). Measured on an H200 at 12 GB, 1024²: 0.203 s/step
-  bf16, 0.166 float8, 0.144 compiled, 0.109 both (bench/README.md).
+- Compute modes: `torch.compile` of the DiT blocks (one graph per block class; the hooks above stay outside it; on
+  by default where it can run, see `enable_streaming`) and, opt-in, float8 compute (`Float8Linears`: the blocks'
+  linears multiply the float8 weights as stored with `torch._scaled_mm`, activations quantized per token on the
+  GPU). Measured on an H200 at 12 GB, 1024² (run 9): 0.203 s/step eager bf16, 0.146 compiled (the default), 0.112
+  compiled with float8 compute (bench/README.md).
 
 `synchronous=True` runs the same code with blocking copies on the compute stream and no prefetch: the reference
 that the streamed path must match bit for bit (a race would show as a difference).
