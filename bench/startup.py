@@ -4,7 +4,7 @@ card, then the pictures a bot meets in turn: the default size, the same again, t
 
 Prints one line per event: load (DiffSynth + packing + calibration, which compiles), each picture's time and
 s/step, whether the DiT blocks are compiled, the process's RSS now and at its peak, pinned host memory and the
-device-wide NVML peak. Not a test and not side by side: `bench.full_size` is the comparison.
+device-wide NVML peak. Everything runs through `engine.worker.Engine`, in its GPU thread, as in the bot. Not a test and not side by side: `bench.full_size` is the comparison.
 
     python -m bench.startup --models-dir /tmp/fs --budget 8
 """
@@ -12,6 +12,7 @@ device-wide NVML peak. Not a test and not side by side: `bench.full_size` is the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import resource
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.jobs import GenerationRequest
     from engine.pipeline import FluxPipeline
     from engine.settings import EngineSettings
+    from engine.worker import Engine
 
     events: list[dict] = []
 
@@ -50,22 +52,37 @@ def main(argv: list[str] | None = None) -> int:
         events.append(values)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}), flush=True)
 
-    with measure.PeakPoller() as poller:
-        card = measure.emulate_card(args.budget)
-        report("start", card=card)
-        started = time.perf_counter()
+    async def serve() -> None:
+        # The bot's path: the async engine loads and draws in its one GPU thread (torch.compile runs there too).
+        pipelines: list = []
         tiny = dict(model="tiny", device="cpu", width=64, height=64) if args.tiny else {}
-        pipeline = FluxPipeline.load(EngineSettings(models_dir=args.models_dir, vram_budget_gb=args.budget, **tiny))
-        streaming = pipeline.streaming
+        settings = EngineSettings(models_dir=args.models_dir, vram_budget_gb=args.budget, **tiny)
+
+        def load():
+            pipelines.append(FluxPipeline.load(settings))
+            return pipelines[0]
+
+        engine = Engine(load)
+        started = time.perf_counter()
+        await engine.start()
+        streaming = pipelines[0].streaming
         report("loaded", seconds=time.perf_counter() - started, compiled=streaming.torch_compiled,
                pinned_gib=streaming.pinned_bytes / GIB, host_weights_gib=streaming.host_bytes / GIB,
                resident_units=len(streaming.dit.resident))
-        for number, (width, height) in enumerate(SIZES if not args.tiny else [(64, 64), (96, 64)]):
-            request = GenerationRequest(f"a lighthouse at dusk, picture {number}", 7, args.steps, width, height)
-            started = time.perf_counter()
-            result = pipeline.generate(request, lambda done, total: None)
-            report("picture", size=f"{width}x{height}", seconds=time.perf_counter() - started,
-                   s_per_step=result.seconds_per_step, compiled=streaming.torch_compiled)
+        try:
+            for number, (width, height) in enumerate(SIZES if not args.tiny else [(64, 64), (96, 64)]):
+                request = GenerationRequest(f"a lighthouse at dusk, picture {number}", 7, args.steps, width, height)
+                started = time.perf_counter()
+                result = await engine.submit(request).wait()
+                report("picture", size=f"{width}x{height}", seconds=time.perf_counter() - started,
+                       s_per_step=result.seconds_per_step, compiled=streaming.torch_compiled)
+        finally:
+            await engine.close()
+
+    with measure.PeakPoller() as poller:
+        card = measure.emulate_card(args.budget)
+        report("start", card=card)
+        asyncio.run(serve())
     if args.out:
         Path(args.out).write_text(json.dumps(events, indent=1, default=str))
     return 0
