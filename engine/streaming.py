@@ -1189,7 +1189,7 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     try:
         first_generation()
     except Exception as exc:
-        if not streaming.torch_compiled or not is_compile_failure(exc):
+        if not streaming.torch_compiled:  # any error with compiled blocks: retry eagerly, it raises again if not theirs
             raise
         log.warning("torch.compile of the DiT blocks failed (%s: %s); running them eagerly", type(exc).__name__,
                     str(exc)[:300])
