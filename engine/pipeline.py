@@ -170,10 +170,7 @@ class FluxPipeline:
 
             if self.streaming is None or not self.streaming.torch_compiled or not is_compile_failure(exc):
                 raise
-            log.warning("torch.compile failed at %dx%d (%s: %s); the DiT blocks run eagerly from now on",
-                        request.width, request.height, type(exc).__name__, str(exc)[:300])
-            self.streaming.reset()
-            self.streaming.set_torch_compile(False)
+            self.streaming.stop_compiling(exc, f"at {request.width}x{request.height}")
             step_times.clear()
             image = draw()
         seconds = time.monotonic() - started

@@ -9,8 +9,9 @@ and evicts everything after each request (shared notes, performance.md §4). Her
   storage dtype (float8_e4m3fn for the DiT), page-locked once (`cudaHostRegister`, exact size).
 - As many units as the VRAM budget allows stay *resident* on the GPU, for good (never evicted between requests); their
   host copies are handed back to the OS. They are chosen spread out through the execution order, so that each
-  streamed unit's copy overlaps the compute of the resident units around it. The plan comes from measured sizes: unit bytes, and the device-wide peak of one
-  calibration generation (below); the VAE decodes in tiles when an untiled decode would be the peak.
+  streamed unit's copy overlaps the compute of the resident units around it. The plan comes from measured sizes:
+  unit bytes, and the device-wide peak of one calibration generation (below); the VAE decodes in tiles when an
+  untiled decode would be the peak.
 - Every other unit is *streamed*: a ring of a few GPU slot buffers, filled on a side CUDA stream in execution order;
   unit k's forward waits (on the GPU, not the host) for its copy, and the slot is refilled with the next streamed
   unit as soon as unit k's kernels are queued, ordered after them by an event. The ring runs on across denoising
@@ -230,10 +231,14 @@ class _Unit:
     entries: list[_Entry]
     nbytes: int
     host: torch.Tensor | None = None  # uint8 view into the model's HostMemory
-    host_offset: int = 0  # where `host` starts in it (a page boundary)
     host_views: list[torch.Tensor] = field(default_factory=list)
     device: torch.Tensor | None = None  # uint8 buffer on the GPU while resident
     device_views: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def host_offset(self) -> int:
+        """Where `host` starts in the model's HostMemory (a page boundary)."""
+        return self.host.storage_offset()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries]
@@ -693,7 +698,6 @@ class ModelStreamer:
         self.host_memory = HostMemory(sum(_page_align(u.nbytes) for u in self.units))
         start = 0
         for unit in self.units:
-            unit.host_offset = start
             unit.host = self.host_memory.tensor[start:start + unit.nbytes]
             unit.host_views = unit.views(unit.host)
             for entry, view in zip(unit.entries, unit.host_views):
@@ -1090,6 +1094,14 @@ class PipelineStreaming:
         self._compiled = True
         return True
 
+    def stop_compiling(self, exc: BaseException, where: str) -> None:
+        """After torch.compile (or a compiled kernel) failed `where`: say so, forget the failed forward's slots and run
+        the blocks eagerly from now on; the caller then redoes its generation."""
+        log.warning("torch.compile of the DiT blocks failed %s (%s: %s); running them eagerly from now on", where,
+                    type(exc).__name__, str(exc)[:300])
+        self.reset()
+        self.set_torch_compile(False)
+
     @property
     def host_bytes(self) -> int:
         """Host memory holding weights now (resident units' host copies are handed back)."""
@@ -1191,10 +1203,7 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     except Exception as exc:
         if not streaming.torch_compiled:  # any error with compiled blocks: retry eagerly, it raises again if not theirs
             raise
-        log.warning("torch.compile of the DiT blocks failed (%s: %s); running them eagerly", type(exc).__name__,
-                    str(exc)[:300])
-        streaming.reset()
-        streaming.set_torch_compile(False)
+        streaming.stop_compiling(exc, "at start-up")
         first_generation()
     if streaming.torch_compiled:
         log.info("DiT blocks compiled (torch.compile) in the first generation: %.1f s", time.monotonic() - started)

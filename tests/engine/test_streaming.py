@@ -445,7 +445,7 @@ def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_setti
         pipeline.generate(GenerationRequest("a fox, compiled size", 3, 2, 64, 64), lambda d, t: None)
         broken["now"] = True
         steps: list[tuple[int, int]] = []
-        with caplog.at_level("WARNING", logger="engine.pipeline"):
+        with caplog.at_level("WARNING", logger="engine.streaming"):
             result = pipeline.generate(GenerationRequest("a fox, new size", 3, 2, 96, 64),
                                        lambda d, t: steps.append((d, t)))
         assert "injected" in caplog.text and "eagerly" in caplog.text and "96x64" in caplog.text
