@@ -66,8 +66,9 @@ class LimitSettings(_Section):
     def _platform_ids(cls, values: list[str]) -> list[str]:
         for value in values:
             platform, _, user = value.partition(":")
-            if platform not in ("telegram", "discord", "console") or not user:
-                raise ValueError(f"{value!r} should look like 'telegram:12345', 'discord:1234567890' or 'console:you'")
+            if platform not in ("telegram", "discord", "console", "web") or not user:
+                raise ValueError(f"{value!r} should look like 'telegram:12345', 'discord:1234567890', 'console:you' "
+                                 "or 'web:alice'")
         return values
 
 
@@ -134,6 +135,19 @@ class MetricsSettings(_Section):
     port: int = Field(default=9464, ge=1, le=65535)
 
 
+class WebSettings(_Section):
+    enabled: bool | None = None
+    """None = on alongside an interactive console chat (`make run` in a terminal); true = always; false = never."""
+    host: str = "127.0.0.1"
+    """Loopback by default. Any other address needs a password (DRAWBOT_WEB_PASSWORD or `password_file`)."""
+    port: int = Field(default=6006, ge=1, le=65535)
+    password_file: Path | None = None
+    """File holding the page's password (chmod 600). DRAWBOT_WEB_PASSWORD overrides it. None and no variable: on
+    loopback, everyone who reaches the port draws, each browser as its own user."""
+    admin_password_file: Path | None = None
+    """File holding the owner dashboard's password; DRAWBOT_WEB_ADMIN_PASSWORD overrides it. None: no dashboard."""
+
+
 class Config(_Section):
     engine: EngineSettings = EngineSettings()
     storage: StorageSettings = StorageSettings()
@@ -144,6 +158,7 @@ class Config(_Section):
     console: ConsoleSettings = ConsoleSettings()
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
 
 
 _TOKEN_HINT = (
@@ -166,6 +181,10 @@ def load_config(path: Path | None) -> Config:
     for platform in ("telegram", "discord"):
         if isinstance(data.get(platform), dict) and "token" in data[platform]:
             raise ConfigError(f"{path}: [{platform}].token: " + _TOKEN_HINT.format(platform=platform.upper()))
+    for key, variable in (("password", "DRAWBOT_WEB_PASSWORD"), ("admin_password", "DRAWBOT_WEB_ADMIN_PASSWORD")):
+        if isinstance(data.get("web"), dict) and key in data["web"]:
+            raise ConfigError(f"{path}: [web].{key}: passwords must not be written in the config file: set {variable} "
+                              f"in the environment, or put it alone in a file (chmod 600) named by `{key}_file`")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -181,6 +200,23 @@ def _describe(err: dict) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{key}: {message}{shown}"
+
+
+def read_secret(variable: str, secret_file: Path | None, key: str) -> str | None:
+    """A secret from the environment variable `variable`, else from `secret_file`; None when neither is set.
+    `key` names the config key in errors ("[web].password_file")."""
+    value = os.environ.get(variable, "").strip()
+    if value:
+        return value
+    if secret_file is None:
+        return None
+    try:
+        value = Path(secret_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {secret_file}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{key}: {secret_file} is empty")
+    return value
 
 
 def read_token(platform: Literal["telegram", "discord"], token_file: Path | None) -> str | None:

@@ -83,6 +83,7 @@ class ChatCore:
         self._stopping = False
         self._job_seconds: float | None = None  # moving average of finished jobs, for queue ETAs
         self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
+        self._granted_admins: set[str] = set()  # proven otherwise than by config (the web admin password)
 
     # -- wiring ---------------------------------------------------------------------------------------------------
     def add_platform(self, platform: Platform) -> None:
@@ -184,7 +185,15 @@ class ChatCore:
         return None if self._job_seconds is None or position <= 0 else self._job_seconds * position
 
     def _is_admin(self, user: User) -> bool:
-        return user.key in self.config.limits.admins
+        return user.key in self.config.limits.admins or user.key in self._granted_admins
+
+    def is_admin(self, user: User) -> bool:
+        """Exempt from limits, may ban and cancel anyone's job: named in [limits].admins, or granted by a platform."""
+        return self._is_admin(user)
+
+    def grant_admin(self, key: str) -> None:
+        """`platform:id` proved it is an owner another way (the web page's admin password); lasts until restart."""
+        self._granted_admins.add(key)
 
     async def is_banned(self, platform: str, user_id: str) -> bool:
         """Banned in the config file, or by an admin from chat (kept in the store across restarts)."""
@@ -213,6 +222,21 @@ class ChatCore:
             return f"{key} is not banned."
         log.info("admin %s unbanned %s", admin.key, key)
         return f"{key} may draw again."
+
+    async def cancel_job(self, admin: User, job_id: str) -> str:
+        """An admin cancels anyone's queued or running job (the owner dashboard). Returns the outcome as a sentence."""
+        if not self._is_admin(admin):
+            return "Only the bot's admins can cancel other people's pictures."
+        live = self._live.get(job_id)
+        if live is not None:
+            live.user_cancelled = True
+            if live.engine_job.cancel():
+                log.info("admin %s cancelled job=%s", admin.key, job_id)
+                return f"Cancelled {job_id}."
+        if await self.store.mark_cancelled(job_id):  # in the table but not followed here: never leave it stuck
+            log.info("admin %s cancelled job=%s", admin.key, job_id)
+            return f"Cancelled {job_id}."
+        return f"{job_id} is not waiting or drawing."
 
     async def submit(self, user: User, conv: Conversation, command: DrawCommand) -> str | None:
         """Admit, persist, acknowledge and queue one picture. Returns the job id, or None when refused."""

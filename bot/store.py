@@ -225,6 +225,21 @@ class Usage:
     """None: not cooling down."""
 
 
+@dataclass(frozen=True)
+class UserSummary:
+    """One user's line on the owner dashboard."""
+
+    platform: str
+    user_id: str
+    total: int
+    last_day: int
+    active: int
+    """Queued or running now."""
+    last_at: float
+    banned: bool
+    """Banned by an admin (the store's bans; [limits].banned in config is separate)."""
+
+
 class Store:
     """Open with `await Store.open(...)`, close with `await store.close()` (or `async with`)."""
 
@@ -667,6 +682,46 @@ class Store:
                 (platform, user_id, limit),
             )
         return [self._record(row) for row in rows]
+
+    # ---- the owner's view (web dashboard) -----------------------------------------------------------------------
+
+    async def active_jobs(self, limit: int = 100) -> list[JobRecord]:
+        """Queued and running jobs of every platform, in queue order (the running one first)."""
+        async with self._read():
+            rows = await self._rows(
+                "SELECT * FROM jobs WHERE status IN ('queued', 'running') "
+                "ORDER BY status = 'running' DESC, seq LIMIT ?",
+                (min(max(int(limit), 1), 1000),),
+            )
+        return [self._record(row) for row in rows]
+
+    async def recent_jobs(self, limit: int = 20) -> list[JobRecord]:
+        """The newest jobs of every platform and user, newest first."""
+        async with self._read():
+            rows = await self._rows("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (min(max(int(limit), 1), 1000),))
+        return [self._record(row) for row in rows]
+
+    async def user_overview(self, limit: int = 50) -> list[UserSummary]:
+        """Every user who asked for a picture, most recently active first: jobs in the last day and in all, and
+        whether an admin banned them from chat."""
+        since = self._clock() - DAY
+        async with self._read():
+            rows = await self._rows(
+                "SELECT j.platform, j.user_id, COUNT(*) AS total, SUM(j.created_at > ?) AS last_day, "
+                "SUM(j.status IN ('queued', 'running')) AS active, MAX(j.created_at) AS last_at, "
+                "EXISTS (SELECT 1 FROM bans b WHERE b.platform = j.platform AND b.user_id = j.user_id) AS banned "
+                "FROM jobs j GROUP BY j.platform, j.user_id ORDER BY last_at DESC LIMIT ?",
+                (since, min(max(int(limit), 1), 1000)),
+            )
+        return [UserSummary(platform=row["platform"], user_id=row["user_id"], total=int(row["total"]),
+                            last_day=int(row["last_day"] or 0), active=int(row["active"] or 0),
+                            last_at=float(row["last_at"]), banned=bool(row["banned"])) for row in rows]
+
+    async def banned_users(self) -> list[tuple[str, str, float]]:
+        """(platform, user_id, banned_at) of every ban made from chat or the dashboard, newest first."""
+        async with self._read():
+            rows = await self._rows("SELECT platform, user_id, banned_at FROM bans ORDER BY banned_at DESC")
+        return [(row["platform"], row["user_id"], float(row["banned_at"])) for row in rows]
 
     # ---- retention -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""Admin powers the owner dashboard uses: cancelling anyone's job, and admins granted by a platform (the web
+page's admin password). Real tiny engine, real SQLite store; only the chat is a recording stand-in."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.chat import User
+from bot.config import Config, LimitSettings
+from bot.core import ChatCore
+from bot.store import Store
+from engine.worker import Engine
+from tests.bot.conversation import RecordingConversation, RecordingPlatform
+
+ALICE = User("console", "alice", "Alice", chat_id="c1")
+OWNER = User("web", "@owner", "owner")
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def engine(tiny_pipeline):
+    engine = Engine(lambda: tiny_pipeline)
+    await engine.start()
+    yield engine
+    await engine.close(timeout=30)
+
+
+def make_core(tiny_settings, store, engine) -> ChatCore:
+    limits = LimitSettings(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0)
+    config = Config(engine=tiny_settings.model_copy(update={"default_steps": 2}), limits=limits)
+    core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01)
+    core.add_platform(RecordingPlatform())
+    return core
+
+
+async def test_only_an_admin_cancels_someone_elses_job(tiny_settings, store, engine):
+    core = make_core(tiny_settings, store, engine)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/draw a red fox --steps 20")
+    await core.on_text(ALICE, conv, "/draw a blue fox --steps 2")
+    first, second = sorted(await store.history("console", "alice"), key=lambda r: r.created_at)
+    assert await core.cancel_job(OWNER, second.id) == "Only the bot's admins can cancel other people's pictures."
+    core.grant_admin(OWNER.key)
+    assert core.is_admin(OWNER) and not core.is_admin(ALICE)
+    assert await core.cancel_job(OWNER, second.id) == f"Cancelled {second.id}."
+    await core.drain()
+    assert (await store.get_job(second.id)).status == "cancelled"
+    assert (await store.get_job(first.id)).status == "done"
+    assert await core.cancel_job(OWNER, second.id) == f"{second.id} is not waiting or drawing."
+
+
+async def test_a_granted_admin_may_ban_and_has_no_limits(tiny_settings, store, engine):
+    core = make_core(tiny_settings, store, engine)
+    assert await core.ban(OWNER, "console", "alice") == "Only the bot's admins can ban."
+    core.grant_admin(OWNER.key)
+    assert await core.ban(OWNER, "console", "alice") == "console:alice is banned (until an admin unbans them)."
+    assert await core.unban(OWNER, "console", "alice") == "console:alice may draw again."
