@@ -6,7 +6,7 @@ Cases (any subset, in this order, in one process; `--parts`):
   ceilings   pinned / pageable host->GPU bandwidth, bf16 and fp8 GEMM rates
   resident   (a) DiffSynth, every model resident in bf16, no VRAM management
   offload    drawbot engine, mode "offload" (DiffSynth's per-layer offload, fp8 DiT) - issue 2's GPU check
-  stream     (d) drawbot engine, mode "stream" (engine/streaming.py), every budget re-planned in one load, plus
+  stream     (d) drawbot engine, mode "stream" (engine/streaming/), every budget re-planned in one load, plus
              a repeated-prompt run (prompt cache) and a bit-identity check against the synchronous copy path
   diffsynth  (b) DiffSynth 2.1.12's own low-VRAM mode, configured as its Flux low-VRAM example does
   diffusers  (c) diffusers FluxTransformer2DModel, group offloading (block level, stream) + fp8 layerwise casting,

@@ -20,7 +20,7 @@ class EngineSettings(BaseModel):
 
     models_dir: Path = Path("models")
     mode: Literal["offload", "stream", "resident"] = "stream"
-    """`stream`: drawbot's own weight streaming (engine/streaming.py): DiT and T5 in float8 in page-locked host RAM,
+    """`stream`: drawbot's own weight streaming (engine/streaming/): DiT and T5 in float8 in page-locked host RAM,
     as many blocks resident on the GPU as `vram_budget_gb` allows (planned at start-up), the rest copied ahead on a
     side stream; ≈20x faster than `offload` at 8 GB (bench/README.md).
     `offload`: DiffSynth's own per-layer offload, DiT kept in float8 in host RAM.

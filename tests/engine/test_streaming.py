@@ -304,7 +304,7 @@ def test_float8_compute_stays_bf16_with_a_warning_where_unsupported(stream_pipel
     assert "8.9" in module.fp8_unsupported_reason(torch.device("cuda"), capability=(8, 6))  # RTX 30xx
     assert module.fp8_unsupported_reason(torch.device("cuda"), capability=(8, 9)) is None  # RTX 40xx
     assert module.fp8_unsupported_reason(torch.device("cuda"), capability=(9, 0)) is None  # H100
-    monkeypatch.setattr(module, "fp8_unsupported_reason", lambda device: "compute capability 8.6 (injected)")
+    monkeypatch.setattr(module.pipeline, "fp8_unsupported_reason", lambda device: "compute capability 8.6 (injected)")
     before = draw(stream_pipeline.pipe, "a fox, unsupported fp8")
     with caplog.at_level("WARNING", logger="engine.streaming"):
         assert streaming.set_fp8_compute(True) is False

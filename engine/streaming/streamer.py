@@ -1,0 +1,378 @@
+"""The slot ring and the streamer: a model cut into units that run one after another, each unit's weights packed
+into one byte range of host memory; resident units copied to the GPU once, streamed ones copied ahead into a ring of
+GPU slots on a side stream, ordered against compute by events (see engine.streaming for the whole picture)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from engine import compat
+from engine.streaming.host_memory import HostMemory, page_align, return_freed_host_memory
+from engine.streaming.kernels import Upcaster
+from engine.streaming.patches import Patches
+
+compat.apply()  # before the first diffsynth import
+
+from diffsynth.core.vram.layers import AutoTorchModule, AutoWrappedLinear  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT = 256
+"""Bytes. Every parameter view starts on this boundary (vectorised kernels and cuBLAS want aligned pointers)."""
+SMALL_WRAPPER_NUMEL = 1 << 16
+"""A wrapped non-Linear layer with fewer parameters than this (a norm scale) is kept in the compute dtype."""
+DEFAULT_SLOTS = 3
+"""Ring depth: with 3, a double block's copy (≈6 ms on PCIe 5) has two blocks of compute to hide behind."""
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass
+class _Entry:
+    """One parameter's place in its unit's flat byte range."""
+
+    param: torch.nn.Parameter
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+@dataclass
+class _Unit:
+    index: int
+    module: torch.nn.Module
+    entries: list[_Entry]
+    nbytes: int
+    host: torch.Tensor = None  # type: ignore[assignment]  # uint8 view into the model's HostMemory, set when packed
+    host_views: list[torch.Tensor] = field(default_factory=list)
+    device: torch.Tensor | None = None  # uint8 buffer on the GPU while resident
+    device_views: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def host_offset(self) -> int:
+        """Where `host` starts in the model's HostMemory (a page boundary)."""
+        return int(self.host.storage_offset())
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape) for e in self.entries]
+
+    def point(self, views: list[torch.Tensor]) -> None:
+        for entry, view in zip(self.entries, views):
+            entry.param.data = view
+
+
+def _wrapper_of(model: torch.nn.Module) -> dict[int, AutoTorchModule]:
+    """id(parameter) -> the DiffSynth VRAM wrapper that owns it (its forward casts what it needs)."""
+    owners: dict[int, AutoTorchModule] = {}
+    for module in model.modules():
+        if isinstance(module, AutoTorchModule):
+            for param in module.parameters():
+                owners.setdefault(id(param), module)
+    return owners
+
+
+def _device_dtype(wrapper: AutoTorchModule | None, param: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter has on the GPU. Linear weights keep their storage dtype (DiffSynth casts them per call);
+    a tiny wrapped layer, or a parameter no wrapper casts, is stored in the compute dtype."""
+    if wrapper is None:
+        return compute_dtype
+    if isinstance(wrapper, AutoWrappedLinear):
+        return param.dtype if param is wrapper.weight else compute_dtype  # a bias is tiny: no cast per call
+    if sum(p.numel() for p in wrapper.parameters()) < SMALL_WRAPPER_NUMEL:
+        return compute_dtype
+    return param.dtype
+
+
+class SlotPool:
+    """A few GPU buffers that streamed units take turns in, shared by every streamed model (their phases never
+    overlap), plus the side stream and the events that order copies against compute."""
+
+    def __init__(self, device: torch.device | str, slot_bytes: int, count: int):
+        self.device = torch.device(device)
+        self.slot_bytes = slot_bytes
+        self.cuda = self.device.type == "cuda"
+        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, device=self.device) for _ in range(count)]
+        self.tags: list[tuple | None] = [None] * count
+        # On a CPU there is no side stream: copies are plain and ordered by program order (Any: None there).
+        self.copy_stream: Any = torch.cuda.Stream(self.device) if self.cuda else None
+        self.ready: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
+        self.free: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
+
+    @property
+    def count(self) -> int:
+        return len(self.buffers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
+
+    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool) -> None:
+        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished."""
+        target = self.buffers[slot][:source.numel()]
+        if self.cuda and not synchronous:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])
+                target.copy_(source, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        else:
+            if self.cuda:  # an earlier async copy may still be writing: order after it, then copy blocking
+                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            target.copy_(source)
+            if self.cuda:
+                self.ready[slot].record(torch.cuda.current_stream(self.device))
+        self.tags[slot] = tag
+
+    def acquire(self, slot: int) -> None:
+        """The compute stream waits (on the GPU) until the slot's copy has landed."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+
+    def release(self, slot: int) -> None:
+        """Mark the point after the work queued so far on the compute stream: the slot may be overwritten after it."""
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+
+
+class ModelStreamer:
+    """Owns where one DiffSynth model's weights live. Units are streamed or resident; everything else in the model
+    (embedders, final layers: small) is resident. DiffSynth's own VRAM management is switched off for this model."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, name: str, model: torch.nn.Module, units: Sequence[torch.nn.Module], device: str | torch.device,
+                 *, compute_dtype: torch.dtype = torch.bfloat16, pin: bool | None = None,
+                 patches: Patches | None = None):
+        self.name = name
+        self.patches = patches if patches is not None else Patches()
+        self.model = model
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self._id = next(self._ids)
+        self._serial = itertools.count()
+        self.pool: SlotPool | None = None
+        self.synchronous = False
+        self._hooks: list = []
+        self._order: list[int] = []
+        self._position: dict[int, int] = {}
+        self._cursor = 0
+        self._loaded: dict[int, tuple[int, tuple]] = {}
+        self._active: tuple[int, int] | None = None
+        self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        pin = self.device.type == "cuda" if pin is None else pin
+
+        owners = _wrapper_of(model)
+        seen: set[int] = set()
+        self.units: list[_Unit] = []
+        for index, module in enumerate(units):
+            entries, offset = [], 0
+            for param in module.parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                dtype = _device_dtype(owners.get(id(param)), param, compute_dtype)
+                nbytes = param.numel() * dtype.itemsize
+                entries.append(_Entry(param, offset, nbytes, dtype, param.shape))
+                offset = _align(offset + nbytes)
+            self.units.append(_Unit(index, module, entries, offset))
+
+        # Pack all units into one host allocation, unit by unit (each on its own pages), dropping each original tensor
+        # once copied, so the host holds little more than one copy at any time.
+        self.pin = pin
+        self.host_memory = HostMemory(sum(page_align(u.nbytes) for u in self.units))
+        start = 0
+        for unit in self.units:
+            unit.host = self.host_memory.tensor[start:start + unit.nbytes]
+            unit.host_views = unit.views(unit.host)
+            for entry, view in zip(unit.entries, unit.host_views):
+                view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
+            unit.point(unit.host_views)
+            start += page_align(unit.nbytes)
+            return_freed_host_memory()  # unit by unit: the host never holds much more than one copy
+        if pin:
+            for unit in self.units:
+                self.host_memory.pin(unit.host_offset, unit.nbytes)
+
+        # Everything outside the units stays on the GPU for good.
+        self.global_bytes = 0
+        for param in model.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            dtype = _device_dtype(owners.get(id(param)), param, compute_dtype)
+            param.data = param.data.to(device=self.device, dtype=dtype)
+            self.global_bytes += param.numel() * dtype.itemsize
+        for name_, buffer in model.named_buffers():
+            if buffer.device != self.device:
+                module_name, _, attr = name_.rpartition(".")
+                owner = model.get_submodule(module_name) if module_name else model
+                owner._buffers[attr] = buffer.to(self.device)
+
+        # DiffSynth's wrappers: "prepared" for good, with the dtype their weights have on the GPU, and the model out of
+        # the pipeline's load_models_to_device() (which would move these weights back to the CPU after each stage).
+        upcaster = self.upcaster = Upcaster()
+        patch = functools.partial(self.patches.set, group=f"streamer:{name}")
+        for module in model.modules():
+            if isinstance(module, AutoTorchModule):
+                params = list(module.parameters())
+                patch(module, "state", 2)
+                patch(module, "preparing_device", module.computation_device)
+                patch(module, "preparing_dtype", params[0].dtype if params else module.computation_dtype)
+                if isinstance(module, AutoWrappedLinear):
+                    patch(module, "cast_to", upcaster)  # DiffSynth's computation() calls self.cast_to
+        patch(model, "vram_management_enabled", False)
+
+    # -- state ---------------------------------------------------------------------------------------------------------
+    @property
+    def unit_bytes(self) -> list[int]:
+        return [u.nbytes for u in self.units]
+
+    @property
+    def resident(self) -> frozenset[int]:
+        return frozenset(u.index for u in self.units if u.device is not None)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(u.nbytes for u in self.units if u.device is not None)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the GPU per forward pass."""
+        return sum(u.nbytes for u in self.units if u.device is None)
+
+    @property
+    def max_streamed_unit_bytes(self) -> int:
+        return max((u.nbytes for u in self.units if u.device is None), default=0)
+
+    def attach(self, pool: SlotPool) -> None:
+        """Start streaming through `pool` (hooks on every unit)."""
+        if self.pool is not None:
+            raise RuntimeError(f"{self.name}: already attached")
+        if self.units and pool.slot_bytes < max(self.unit_bytes):
+            raise ValueError(f"{self.name}: slot of {pool.slot_bytes} B is smaller than its largest unit")
+        self.pool = pool
+        for unit in self.units:
+            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_hook(unit.index)))
+            self._hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit.index)))
+        self._replan()
+
+    def set_resident(self, indices: Sequence[int] | frozenset[int]) -> None:
+        """Keep exactly these units on the GPU (copied once, blocking); the others are streamed. A resident unit's
+        host copy is handed back to the OS (at 12 GB that is 7.7 GiB of host RAM for MajicFLUX's DiT); if the unit
+        is streamed again later, its bytes are copied back from the GPU first."""
+        wanted = set(indices)
+        if not wanted <= set(range(len(self.units))):
+            raise ValueError(f"{self.name}: no such units {sorted(wanted - set(range(len(self.units))))}")
+        self.reset()
+        for unit in self.units:
+            if unit.index in wanted and unit.device is None:
+                unit.device = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                unit.device.copy_(unit.host)  # blocking: done before the host pages go
+                unit.device_views = unit.views(unit.device)
+                unit.point(unit.device_views)
+                self.host_memory.release(unit.host_offset, unit.nbytes)
+            elif unit.index not in wanted and unit.device is not None:
+                self.host_memory.restore(unit.host_offset, unit.device, pin=self.pin)
+                unit.point(unit.host_views)
+                unit.device, unit.device_views = None, []
+        self._replan()
+
+    def reset(self) -> None:
+        """Forget what is in the slots and point streamed weights back to host memory (after an error mid-forward)."""
+        if self._active is not None:
+            index, slot = self._active
+            self.units[index].point(self.units[index].host_views)
+            if self.pool is not None:
+                self.pool.release(slot)
+            self._active = None
+        self._loaded.clear()
+
+    def _replan(self) -> None:
+        self._order = [u.index for u in self.units if u.device is None]
+        self._position = {index: position for position, index in enumerate(self._order)}
+        self._cursor = 0
+        self._loaded.clear()
+        if self.pool is not None and self.max_streamed_unit_bytes > self.pool.slot_bytes:
+            raise ValueError(f"{self.name}: a streamed unit does not fit the pool's slots")
+
+    # -- the schedule --------------------------------------------------------------------------------------------------
+    @property
+    def _ring(self) -> SlotPool:
+        if self.pool is None:
+            raise RuntimeError(f"{self.name}: not attached to a slot pool")
+        return self.pool
+
+    def _ring_size(self) -> int:
+        return 1 if self.synchronous else min(self._ring.count, len(self._order))
+
+    def _fill(self, slot: int) -> None:
+        """Copy the next streamed unit in execution order into `slot` (unless it is still intact there)."""
+        index = self._order[self._cursor]
+        self._cursor = (self._cursor + 1) % len(self._order)
+        known = self._loaded.get(index)
+        if known is not None and known[0] == slot and self._ring.tags[slot] == known[1]:
+            return
+        tag = (self._id, index, next(self._serial))
+        self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous)
+        self._loaded[index] = (slot, tag)
+
+    def _resync(self, index: int) -> None:
+        """The unit about to run is not in a slot (first forward, another model used the slots, or an unexpected
+        order): restart the ring at it."""
+        self._cursor = self._position[index]
+        for slot in range(self._ring_size()):
+            self._fill(slot)
+
+    def _make_pre_hook(self, index: int):
+        def pre_hook(module, args):
+            if self._active is not None:  # the previous unit never finished (an exception): clean up first
+                self.reset()
+            unit = self.units[index]
+            if unit.device is not None:
+                return None
+            known = self._loaded.get(index)
+            if known is None or self._ring.tags[known[0]] != known[1]:
+                self._resync(index)
+                known = self._loaded[index]
+            slot = known[0]
+            self._ring.acquire(slot)
+            unit.point(self._slot_views(unit, slot))
+            self._active = (index, slot)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        def post_hook(module, args, output):
+            unit = self.units[index]
+            if unit.device is not None or self._active is None:
+                return None
+            _, slot = self._active
+            self._active = None
+            self._ring.release(slot)
+            unit.point(unit.host_views)
+            if not self.synchronous:
+                self._fill(slot)  # prefetch: the next streamed unit goes where this one was
+            return None
+
+        return post_hook
+
+    def _slot_views(self, unit: _Unit, slot: int) -> list[torch.Tensor]:
+        key = (unit.index, slot)
+        if key not in self._view_cache:
+            self._view_cache[key] = unit.views(self._ring.buffers[slot])
+        return self._view_cache[key]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.reset()
