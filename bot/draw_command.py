@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from bot.commands import SEED_MAX
 from bot.config import Config
-from engine.jobs import GenerationRequest, JobEvent, JobFailed
+from engine.jobs import EngineError, GenerationRequest, JobEvent
 
 
 
@@ -79,7 +79,7 @@ async def _draw(settings, request: GenerationRequest, output) -> int:
     try:
         job = engine.submit(request, on_event)
         result = await job.wait()
-    except JobFailed as exc:
+    except EngineError as exc:  # failed, or refused up front (a size this device cannot afford)
         print(f"drawbot: {exc}", file=sys.stderr)
         return 1
     finally:

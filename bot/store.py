@@ -53,8 +53,11 @@ MAX_PROMPT_CHARS = 20_000
 """Hard ceiling, the largest `limits.max_prompt_chars` the config allows; the chat core applies the configured one."""
 MAX_ERROR_CHARS = 2_000
 RESTART_RETRIES = 1
-"""A job found running at start-up is queued again this many times, then failed."""
-RESTART_FAILURE_MESSAGE = "the bot restarted twice while drawing this, so it gave up; please try again"
+"""A job found running at start-up (the process died while drawing it) is queued again this many times, behind the
+jobs that were waiting then, and failed if the process dies with it running again: a picture that kills the bot must
+not be drawn into the same crash at every start, nor hold up everyone else's while it is tried again."""
+RESTART_FAILURE_MESSAGE = ("the bot stopped unexpectedly twice while drawing this picture, so it gave up on it; "
+                           "please try again, perhaps smaller")
 AVERAGE_OVER_LAST = 20
 """Finished jobs averaged for "try again in about ..." estimates."""
 STALE_TEMP_SECONDS = 3600.0
@@ -62,6 +65,8 @@ STALE_TEMP_SECONDS = 3600.0
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ACTIVE = ("queued", "running")
+_QUEUE_ORDER = "COALESCE(queue_order, seq), seq"
+"""ORDER BY for the queue: admission order, except for crash retries (see RESTART_RETRIES)."""
 _COUNTED = ("queued", "running", "done")  # statuses that use up quota (see bot.limits)
 
 # Each migration is a list of statements run in one transaction; migration N leaves user_version = N.
@@ -117,6 +122,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (platform, user_id)
         ) STRICT
         """,
+    ),
+    (
+        # 3: the queue's order. NULL = admission order (seq); a job retried after a crash is moved behind the jobs
+        # that were waiting then (see RESTART_RETRIES).
+        "ALTER TABLE jobs ADD COLUMN queue_order REAL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -432,7 +442,8 @@ class Store:
         last_created = await self._scalar(
             "SELECT MAX(created_at) FROM jobs WHERE platform = ? AND user_id = ?", (platform, user_id))
         active = await self._rows(
-            "SELECT seq, platform, user_id, status, started_at FROM jobs WHERE status IN (?, ?) ORDER BY seq",
+            f"SELECT seq, platform, user_id, status, started_at FROM jobs WHERE status IN (?, ?) "
+            f"ORDER BY status = 'queued', {_QUEUE_ORDER}",
             _ACTIVE,
         )
         average = await self._average_job_seconds()
@@ -635,7 +646,7 @@ class Store:
         return None if row is None else self._record(row)
 
     async def unfinished_jobs(self, *, max_delivery_attempts: int | None = None) -> list[JobRecord]:
-        """Jobs to pick up at start-up, in submit order: queued, running, and done but not yet delivered.
+        """Jobs to pick up at start-up, in queue order: queued, running, and done but not yet delivered.
 
         With `max_delivery_attempts`, done jobs whose delivery already failed that often are left out (given up).
         """
@@ -643,13 +654,22 @@ class Store:
         async with self._read():
             rows = await self._rows(
                 "SELECT * FROM jobs WHERE status IN ('queued', 'running') OR (status = 'done' AND delivered_at IS NULL "
-                "AND (? < 0 OR delivery_attempts < ?)) ORDER BY seq",
+                f"AND (? < 0 OR delivery_attempts < ?)) ORDER BY {_QUEUE_ORDER}",
                 (limit, limit),
             )
         return [self._record(row) for row in rows]
 
+    async def queue(self) -> list[str]:
+        """The ids of the queued jobs (not the running ones), first in line first: the order the engine is fed in
+        (admission order; a crash retry behind the jobs that were waiting then). A job's place in the queue, as users
+        are told it, is its index here + 1."""
+        async with self._read():
+            rows = await self._rows(f"SELECT id FROM jobs WHERE status = 'queued' ORDER BY {_QUEUE_ORDER}")
+        return [row["id"] for row in rows]
+
     async def requeue_after_restart(self, job_id: str) -> JobRecord:
-        """For a job found running at start-up: queue it again the first time, fail it the next.
+        """For a job found running at start-up: queue it again (behind the jobs waiting now) the first time, fail it
+        the next.
 
         A job in any other state is returned unchanged (so recovery may safely run twice).
         """
@@ -659,8 +679,10 @@ class Store:
                 raise UnknownJob(f"no job {job_id!r}")
             if row["status"] == "running":
                 if row["attempts"] < RESTART_RETRIES:
+                    # Behind every job admitted so far, ahead of any admitted later.
                     await self._update(
-                        "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = attempts + 1 WHERE id = ?",
+                        "UPDATE jobs SET status = 'queued', started_at = NULL, attempts = attempts + 1, "
+                        "queue_order = (SELECT MAX(seq) FROM jobs) + 0.5 WHERE id = ?",
                         (job_id,),
                     )
                 else:

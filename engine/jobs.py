@@ -73,6 +73,31 @@ class QueueFull(EngineError):
     """More jobs are waiting than the engine accepts."""
 
 
+@dataclass(frozen=True)
+class RequestRefusal:
+    """Why this engine can never draw a request, whatever else is waiting (see Engine.check): known before the job
+    is accepted, so the chat side refuses it up front instead of promising a picture that then fails.
+
+    reason: "too_large" (its working memory does not fit this device; `largest` is the largest size of about the same
+    shape that does), "bad_size" (a side that is not a positive multiple of 16) or "bad_steps" (fewer than 1).
+    """
+
+    reason: str
+    message: str
+    """The same in plain words, for logs and the command line (the chat side words its own line)."""
+    device: str = ""
+    largest: tuple[int, int] | None = None
+    largest_pixels: int | None = None
+
+
+class RequestRefused(EngineError):
+    """Engine.submit was given a request that Engine.check refuses; `refusal` says why."""
+
+    def __init__(self, refusal: RequestRefusal):
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
 @dataclass
 class EngineInfo:
     model_name: str
@@ -80,3 +105,5 @@ class EngineInfo:
     is_test_model: bool
     queue_length: int = 0
     running_job: str | None = None
+    largest_pixels: int | None = None
+    """The largest width*height this device can afford (engine.size_cost); None = no limit known."""

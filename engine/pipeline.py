@@ -23,6 +23,7 @@ from engine import compat, weights
 from engine.jobs import GenerationRequest, GenerationResult
 from engine.png import a1111_parameters, encode_png
 from engine.settings import EngineSettings
+from engine.size_cost import SizeCost, cpu_size_cost, gpu_size_cost
 from engine.worker import StepCallback
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class FluxPipeline:
         self.is_test_model = is_test_model
         self.plan = plan
         self.streaming = None  # engine.streaming.PipelineStreaming in `stream` mode
+        self.size_cost: SizeCost | None = None
+        """What a picture size costs on this device and the budget for it (engine.size_cost); None = no limit known."""
         self._version = _drawbot_version()
 
     @classmethod
@@ -126,6 +129,15 @@ class FluxPipeline:
                                                   torch_compile=settings.torch_compile)
         elif settings.fp8_compute or settings.torch_compile is True:
             log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
+        pipeline.size_cost = measure_size_cost(pipeline, settings)
+        if pipeline.size_cost is not None:
+            largest = pipeline.size_cost.largest_pixels
+            side = int(largest**0.5) // 16 * 16
+            log.info("largest picture this %s can afford: %d pixels (%dx%d)", device, largest, side, side)
+            if not pipeline.size_cost.affordable(settings.width, settings.height):
+                log.warning("the default size %dx%d does not fit this %s's memory (largest about %dx%d): /draw "
+                            "without a size will be refused; lower [engine] width and height", settings.width,
+                            settings.height, device, side, side)
         return pipeline
 
     def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult:
@@ -197,6 +209,16 @@ class FluxPipeline:
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def measure_size_cost(pipeline: "FluxPipeline", settings: EngineSettings) -> SizeCost | None:
+    """The cost model for the device the pipeline draws on (see engine.size_cost)."""
+    if pipeline.device == "cpu":
+        return cpu_size_cost()
+    report = getattr(pipeline.streaming, "report", None)
+    if report is not None:
+        return gpu_size_cost(report, calibrated_pixels=settings.width * settings.height)
+    return None
 
 
 def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str):

@@ -31,7 +31,10 @@ from engine.jobs import (
     JobFailed,
     JobState,
     QueueFull,
+    RequestRefusal,
+    RequestRefused,
 )
+from engine.size_cost import SizeCost, largest_like
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class Pipeline(Protocol):
     def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult: ...
 
     def recover_from_oom(self) -> None: ...
+
+    # Optional: `size_cost: SizeCost | None`, what a size costs on the pipeline's device (read with getattr).
 
 
 class _StopRequested(Exception):
@@ -154,19 +159,56 @@ class Engine:
     @property
     def info(self) -> EngineInfo:
         pipe = self._pipeline
+        cost = self.size_cost
         return EngineInfo(
             model_name=pipe.model_name if pipe else "(loading)",
             device=pipe.device if pipe else "?",
             is_test_model=bool(pipe and pipe.is_test_model),
             queue_length=len(self._queue),
             running_job=self._running.id if self._running else None,
+            largest_pixels=cost.largest_pixels if cost is not None else None,
         )
+
+    @property
+    def size_cost(self) -> SizeCost | None:
+        return getattr(self._pipeline, "size_cost", None)
+
+    @property
+    def capacity(self) -> int:
+        """How many more jobs `submit` takes now (0 while loading or closed). A feeder hands over no more than this."""
+        if self._closed or self._task is None:
+            return 0
+        return max(self._max_queue - len(self._queue), 0)
+
+    def check(self, request: GenerationRequest) -> RequestRefusal | None:
+        """Why this engine can never draw `request` (its steps, its size, its size on this device), or None.
+
+        Depends only on the request and the device, never on what is waiting: the chat side asks before it accepts
+        a job, and `submit` refuses the same with RequestRefused."""
+        if request.steps < 1:
+            return RequestRefusal("bad_steps", f"steps must be at least 1 (got {request.steps})")
+        for name, side in (("width", request.width), ("height", request.height)):
+            if side < 16 or side % 16:
+                return RequestRefusal("bad_size", f"{name} must be a positive multiple of 16 (got {side})")
+        cost = self.size_cost
+        if cost is not None and not cost.affordable(request.width, request.height):
+            largest = cost.largest_pixels
+            w, h = largest_like(request.width, request.height, largest)
+            return RequestRefusal(
+                "too_large",
+                f"{request.width}x{request.height} needs more memory than this {cost.device.upper()} has for a "
+                f"picture; the largest of that shape that fits is {w}x{h}",
+                device=cost.device, largest=(w, h), largest_pixels=largest)
+        return None
 
     # -- jobs --------------------------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, listener: Listener | None = None, *, job_id: str | None = None) -> Job:
-        """Queue a request; returns at once. Raises EngineClosed or QueueFull."""
+        """Queue a request; returns at once. Raises EngineClosed, RequestRefused (see `check`) or QueueFull."""
         if self._closed:
             raise EngineClosed("the bot is restarting; please try again in a minute")
+        refusal = self.check(request)
+        if refusal is not None:
+            raise RequestRefused(refusal)
         if len(self._queue) >= self._max_queue:
             raise QueueFull(f"the queue is full ({self._max_queue} waiting); please try again in a few minutes")
         job = Job(self, job_id or uuid.uuid4().hex[:12], request, listener)

@@ -601,18 +601,32 @@ async def test_unfinished_jobs_in_submit_order_and_restart_retry(store, clock):
 
     retried = await store.requeue_after_restart(ids["running"])
     assert retried.status == "queued" and retried.attempts == 1 and retried.started_at is None
-    assert [r.id for r in await store.unfinished_jobs()][:2] == [ids["done_undelivered"], ids["running"]]
+    # Retried behind the jobs that were waiting when the process died, ahead of any admitted after the restart.
+    late = await accepted_id(store, job(user="after_restart"))
+    assert await store.queue() == [ids["queued"], ids["queued_late"], ids["running"], late]
+    assert [r.id for r in await store.unfinished_jobs()] == [
+        ids["done_undelivered"], ids["queued"], ids["queued_late"], ids["running"], late]
 
     await store.mark_running(ids["running"])
     clock.advance(50)
     given_up = await store.requeue_after_restart(ids["running"])
     assert given_up.status == "failed" and given_up.attempts == 2
-    assert given_up.error == RESTART_FAILURE_MESSAGE and "restarted twice" in given_up.error
+    assert given_up.error == RESTART_FAILURE_MESSAGE and "twice" in given_up.error
     assert given_up.finished_at == T0 + 50
     assert ids["running"] not in [r.id for r in await store.unfinished_jobs()]
 
     unchanged = await store.requeue_after_restart(ids["queued"])  # not running: left alone
     assert unchanged.status == "queued" and unchanged.attempts == 0
+
+
+async def test_queue_is_admission_order_of_the_waiting_jobs_only(store):
+    first, second, third, fourth = [await accepted_id(store, job(user=str(n))) for n in range(4)]
+    assert await store.queue() == [first, second, third, fourth]
+    await store.mark_running(first)
+    await store.mark_cancelled(third)
+    assert await store.queue() == [second, fourth]  # the running one is not waiting; cancelled ones are gone
+    await store.return_to_queue(first)  # a graceful stop keeps its place
+    assert await store.queue() == [first, second, fourth]
 
 
 CRASHING_CHILD = textwrap.dedent(
@@ -778,4 +792,4 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path):
         assert [r.prompt for r in await store.unfinished_jobs()] == ["old"]
         assert await store.ban("console", "u", by="console:admin")
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3

@@ -106,3 +106,16 @@ def test_draw_command_refuses_bad_numbers(config_file, tmp_path, capsys, args, m
     assert main(["--config", str(config_file), "draw", "x", *args, "-o", str(tmp_path / "x.png")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_draw_command_refuses_a_size_this_machine_cannot_afford_before_drawing(config_file, tmp_path, capsys):
+    from engine.size_cost import cpu_size_cost
+
+    if cpu_size_cost().affordable(2048, 2048):
+        pytest.skip("this machine has the memory for a 2048x2048 picture on the CPU (≈37 GiB)")
+    out = tmp_path / "x.png"
+    assert main(["--config", str(config_file), "draw", "a fox", "--width", "2048", "--height", "2048", "--steps", "1",
+                 "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "2048x2048 needs more memory than this CPU has" in err and "largest of that shape that fits is" in err
+    assert not out.exists()
