@@ -35,19 +35,33 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _global_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes, before or after its name (`drawbot --config X run` = `drawbot run --config X`).
+
+    SUPPRESS as the default: a subparser that did not see the option leaves the value the main parser set alone."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                         help="config file (default: $DRAWBOT_CONFIG, else ./config.toml if present, "
+                              "else built-in defaults)")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drawbot", description="Self-hosted Flux drawing bot for Discord and Telegram.")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="config file (default: $DRAWBOT_CONFIG, else ./config.toml if present, else built-in defaults)")
+    common = _global_options()
+    parser = argparse.ArgumentParser(prog="drawbot", description="Self-hosted Flux drawing bot for Discord and Telegram.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the bot (Telegram / Discord if tokens are set, else the local console)")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    run = add("run", help="run the bot (Telegram / Discord if tokens are set, else the local console)")
     run.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
     run.add_argument("--stop-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                      help="on SIGTERM, how long the picture being drawn may take to finish before it is left for "
                           "the next start (default 60; keep it well under the service's TimeoutStopSec)")
 
-    draw = sub.add_parser("draw", help="draw one picture through the engine and save it")
+    draw = add("draw", help="draw one picture through the engine and save it")
     draw.add_argument("prompt")
     draw.add_argument("--seed", type=int, default=None, help="0..4294967295 (default: random, printed)")
     draw.add_argument("--steps", type=int, default=None)
@@ -56,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("-o", "--output", type=Path, default=Path("drawbot.png"))
     draw.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
 
-    sub.add_parser("download", help="download MajicFLUX + FLUX.1-dev encoders/VAE from ModelScope and verify them")
-    sub.add_parser("doctor", help="check everything the bot needs and say how to fix what is missing")
+    add("download", help="download MajicFLUX + FLUX.1-dev encoders/VAE from ModelScope and verify them")
+    add("doctor", help="check everything the bot needs and say how to fix what is missing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_path = args.config if args.config is not None else _default_config_path()
+    config_path = getattr(args, "config", None) or _default_config_path()
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -450,6 +450,19 @@ def check_database(config: Config) -> Check:
     return Check("database", Verdict.OK, f"{path} (schema {version}, writable)")
 
 
+def check_state_dir_owner(config: Config) -> Check:
+    """`drawbot run` locks its state dir; a bot holding it now means a second `drawbot run` there would refuse."""
+    from bot.statelock import held_by
+
+    state_dir = Path(config.storage.state_dir).absolute()
+    pid = held_by(state_dir)
+    if pid is None:
+        return Check("state dir", Verdict.OK, f"{state_dir} (no bot running on it)")
+    holder = f"process {pid}" if pid else "another process"
+    return Check("state dir", Verdict.WARN, f"a drawbot ({holder}) is running on {state_dir}",
+                 "a second `drawbot run` here exits: stop the running one first (`systemctl stop drawbot`)")
+
+
 def check_disk(config: Config, facts: Facts) -> Check:
     storage, engine = config.storage, config.engine
     where = _nearest_existing(storage.images_dir)
@@ -498,6 +511,7 @@ def run_checks(config: Config, facts: Facts, *, config_path: Path | None = None,
         check_token(config, "discord"),
         check_chat_platforms(config),
         check_database(config),
+        check_state_dir_owner(config),
         check_disk(config, facts),
     ]
     extra = check_model_for_users(config)

@@ -24,6 +24,7 @@ from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
 from bot.draw_command import TINY_FALLBACK
 from bot.metrics import Metrics, MetricsServer, serve
+from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
 from bot.store import Store
 
 log = logging.getLogger(__name__)
@@ -127,13 +128,32 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
 
     Returns the exit code: 0 after a clean stop, 1 when the bot cannot start or a platform crashed, 2 on bad config.
     """
-    from engine import weights
-
     try:
-        telegram_token, discord_token, console_on = choose_platforms(config)
+        choose_platforms(config)
     except ConfigError as exc:
         say(f"config error: {exc}")
         return 2
+    # Exactly one process owns a state dir (a second one would redraw the first one's running job).
+    lock = StateLock(config.storage.state_dir)
+    try:
+        lock.acquire()
+    except (StateDirBusy, StateDirUnusable) as exc:
+        say(str(exc))
+        return 2
+    try:
+        return await _run_owning_state_dir(config, model_override=model_override, config_path=config_path,
+                                           stdin=stdin, stdout=stdout, stop_timeout=stop_timeout, stop=stop,
+                                           metrics=metrics)
+    finally:
+        lock.release()
+
+
+async def _run_owning_state_dir(config: Config, *, model_override: str | None, config_path: Path | None,
+                                stdin: TextIO | None, stdout: TextIO | None, stop_timeout: float,
+                                stop: asyncio.Event | None, metrics: Metrics | None) -> int:
+    from engine import weights
+
+    telegram_token, discord_token, console_on = choose_platforms(config)
     settings = config.engine.model_copy(update={"model": model_override}) if model_override else config.engine
     if settings.model == "majicflus" and not model_override:
         problems = weights.check(weights.real_model_files(settings.models_dir), fix="drawbot download")

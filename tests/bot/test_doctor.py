@@ -4,6 +4,7 @@ are never printed. Machine facts (CUDA, VRAM, RAM, disk) are injected; files are
 from __future__ import annotations
 
 import io
+import os
 import logging
 import shutil
 import sqlite3
@@ -260,3 +261,18 @@ def test_cli_doctor_probes_this_machine(tmp_path, capsys, monkeypatch, restore_l
     assert "fake-discord-token" not in text
     # The tiny model and a live chat token: users would get noise, which is worth a warning.
     assert "users get noise" in text
+
+
+def test_state_dir_held_by_a_running_bot_is_reported_with_its_pid(tmp_path):
+    from bot.statelock import StateLock
+
+    config = real_config(tmp_path)
+    assert checks_by_name(config, HEALTHY)["state dir"].verdict is Verdict.OK
+    lock = StateLock(config.storage.state_dir).acquire()
+    try:
+        check = checks_by_name(config, HEALTHY)["state dir"]
+        assert check.verdict is Verdict.WARN and f"process {os.getpid()}" in check.detail
+        assert "stop the running one" in check.fix
+    finally:
+        lock.release()
+    assert checks_by_name(config, HEALTHY)["state dir"].verdict is Verdict.OK
