@@ -293,6 +293,18 @@ def check_compile(config: Config, facts: Facts) -> Check:
                  "[engine] torch_compile = false to silence this")
 
 
+def _weight_path_line(engine, facts: Facts) -> str:
+    """Which weight path `stream` mode takes here (engine.host_ram: pinned RAM, or the weight cache file)."""
+    from engine import host_ram
+
+    budget = host_ram.budget_gib(engine, available=facts.ram_available / GIB)
+    pinned = host_ram.PINNED_PATH_GIB[engine.model]
+    if host_ram.weight_path(engine, available=facts.ram_available / GIB) == "pinned":
+        return f"weights pinned in RAM (host RAM budget {budget:.1f} GiB >= {pinned:g} GiB)"
+    return (f"weights file-backed: host RAM budget {budget:.1f} GiB < {pinned:g} GiB for the pinned path, so they "
+            f"are read from the weight cache in {host_ram.weight_cache_dir(engine)} (written once, ~16 GB)")
+
+
 def check_ram(config: Config, facts: Facts) -> Check:
     engine = config.engine
     have = f"{_gib(facts.ram_total)} RAM, {_gib(facts.ram_available)} available"
@@ -300,6 +312,8 @@ def check_ram(config: Config, facts: Facts) -> Check:
         return Check("ram", Verdict.OK, f"{have} (the tiny model needs little)")
     need = RAM_NEEDED_GIB[engine.mode]
     detail = f"{have}; mode {engine.mode} needs ~{need:g} GiB"
+    if engine.mode == "stream":
+        detail += "\n" + _weight_path_line(engine, facts)
     if facts.ram_total / GIB >= need:
         if facts.ram_available / GIB < need:
             return Check("ram", Verdict.WARN, detail,

@@ -126,7 +126,8 @@ class FluxPipeline:
             pipeline.streaming = enable_streaming(pipe, device=device, budget_gb=settings.vram_budget_gb,
                                                   width=settings.width, height=settings.height,
                                                   fp8_compute=settings.fp8_compute,
-                                                  torch_compile=settings.torch_compile)
+                                                  torch_compile=settings.torch_compile,
+                                                  weight_cache=_weight_cache(settings, files))
         elif settings.fp8_compute or settings.torch_compile is True:
             log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         pipeline.size_cost = measure_size_cost(pipeline, settings)
@@ -219,6 +220,23 @@ def measure_size_cost(pipeline: "FluxPipeline", settings: EngineSettings) -> Siz
     if report is not None:
         return gpu_size_cost(report, calibrated_pixels=settings.width * settings.height)
     return None
+
+
+def _weight_cache(settings: EngineSettings, files: weights.ModelFiles):
+    """The converted weight cache when the host-RAM budget is below the pinned path's need (engine.host_ram), else
+    None (pinned)."""
+    from engine import host_ram
+    from engine.streaming.weight_cache import WeightCache
+
+    budget = host_ram.budget_gib(settings)
+    path = host_ram.weight_path(settings, budget)
+    need = host_ram.PINNED_PATH_GIB[settings.model]
+    if path == "pinned":
+        log.info("host RAM budget %.1f GiB >= %.1f GiB: weights pinned in host RAM", budget, need)
+        return None
+    folder = host_ram.weight_cache_dir(settings)
+    log.info("host RAM budget %.1f GiB < %.1f GiB: weights file-backed (weight cache in %s)", budget, need, folder)
+    return WeightCache(folder, {"dit": [files.dit], "t5": list(files.t5)})
 
 
 def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str):

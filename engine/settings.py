@@ -38,6 +38,13 @@ class EngineSettings(BaseModel):
     `false` never. Compiling happens at start-up (≈10 s on a 16-core machine, longer on fewer cores) and once more at
     the first picture of another size; the systemd unit keeps the compiled kernels across restarts. If compiling
     fails, drawbot says so in the log and runs the blocks as they are."""
+    host_ram_budget_gb: float | Literal["auto"] = "auto"
+    """`stream` mode: GiB of host RAM drawbot may hold. With room for the pinned path (about 18 GiB with MajicFLUX),
+    the weights the GPU does not hold stay in page-locked RAM; below it they live in a converted weight cache file
+    (`weight_cache_dir`) read through the page cache. `"auto"`: what the machine has available at start-up."""
+    weight_cache_dir: Path | None = None
+    """Where the file-backed path keeps its converted weights (about 16 GB with MajicFLUX); default
+    `models_dir/weight-cache`."""
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     default_steps: int = Field(default=20, ge=1, le=200)
     min_steps: int = Field(default=1, ge=1, le=200)
@@ -47,6 +54,13 @@ class EngineSettings(BaseModel):
     guidance: float = Field(default=3.5, ge=0, le=20)
     max_queue: int = Field(default=100, ge=1, le=100_000)
     """Jobs waiting in the engine at most (the chat side refuses politely before this is reached)."""
+
+    @model_validator(mode="after")
+    def _host_ram_budget_positive(self) -> "EngineSettings":
+        if self.host_ram_budget_gb != "auto" and not 0 < self.host_ram_budget_gb <= 4096:
+            raise ValueError(f"host_ram_budget_gb must be \"auto\" or a number of GiB above 0 "
+                             f"(got {self.host_ram_budget_gb})")
+        return self
 
     @model_validator(mode="after")
     def _steps_in_order(self) -> "EngineSettings":

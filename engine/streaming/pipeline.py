@@ -18,6 +18,7 @@ from engine.streaming.patches import Patches
 from engine.streaming.planning import (DECODE_TILES, DEFAULT_MARGIN_GB, DevicePeak, MemoryReport,
                                        choose_resident)
 from engine.streaming.prompt_cache import install_prompt_cache
+from engine.streaming.weight_cache import WeightCache
 from engine.streaming.streamer import DEFAULT_SLOTS, ModelStreamer, SlotPool
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,15 @@ class PipelineStreaming:
     """Streaming for a DiffSynth FluxImagePipeline: DiT and T5 streamed, CLIP and the VAE decoder resident."""
 
     def __init__(self, pipe, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+                 compute_dtype: torch.dtype = torch.bfloat16, weight_cache: WeightCache | None = None):
         self.pipe = pipe
         self.device = torch.device(device)
         self.patches = Patches()
         """Every attribute set on DiffSynth's objects, by group: `patches.undo_all()` gives DiffSynth its own back."""
         self.dit = ModelStreamer("dit", pipe.dit, _dit_units(pipe.dit), self.device, compute_dtype=compute_dtype,
-                                 patches=self.patches)
+                                 patches=self.patches, weight_cache=weight_cache)
         self.t5 = ModelStreamer("t5", pipe.text_encoder_2, _t5_units(pipe.text_encoder_2), self.device,
-                                compute_dtype=compute_dtype, patches=self.patches)
+                                compute_dtype=compute_dtype, patches=self.patches, weight_cache=weight_cache)
         self.others = [ModelStreamer(name, getattr(pipe, name), [], self.device, compute_dtype=compute_dtype,
                                      patches=self.patches)
                        for name in ("text_encoder_1", "vae_decoder") if getattr(pipe, name, None) is not None]
@@ -65,6 +66,8 @@ class PipelineStreaming:
         self.pool = SlotPool(self.device, slot_bytes, slots)
         self.dit.attach(self.pool)
         self.t5.attach(self.pool)
+        self.weight_cache_built = list(weight_cache.built or []) if weight_cache is not None else []
+        """Weight cache files this start-up built (not reused): [] when every one was reused, or pinned."""
         self.float8 = Float8Linears(patches=self.patches)
         self._compiled = False
         self.report: MemoryReport | None = None
@@ -235,14 +238,14 @@ class PipelineStreaming:
 def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height: int,
                      slots: int = DEFAULT_SLOTS, margin_gb: float = DEFAULT_MARGIN_GB,
                      fp8_compute: bool = False, torch_compile: bool | Literal["auto"] = False,
-                     compile_backend="inductor") -> PipelineStreaming:
+                     compile_backend="inductor", weight_cache: WeightCache | None = None) -> PipelineStreaming:
     """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
     `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height,
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
     `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
     everything is streamed (the tests exercise the full streaming path that way). That first generation also
     compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone."""
-    streaming = PipelineStreaming(pipe, device, slots=slots)
+    streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache)
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":

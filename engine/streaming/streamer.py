@@ -16,6 +16,7 @@ from engine import compat
 from engine.streaming.host_memory import HostMemory, page_align, return_freed_host_memory
 from engine.streaming.kernels import Upcaster
 from engine.streaming.patches import Patches
+from engine.streaming.weight_cache import FileMemory, WeightCache
 
 compat.apply()  # before the first diffsynth import
 
@@ -29,6 +30,10 @@ SMALL_WRAPPER_NUMEL = 1 << 16
 """A wrapped non-Linear layer with fewer parameters than this (a norm scale) is kept in the compute dtype."""
 DEFAULT_SLOTS = 3
 """Ring depth: with 3, a double block's copy (≈6 ms on PCIe 5) has two blocks of compute to hide behind."""
+
+
+STAGING_BUFFERS = 2
+"""Page-locked buffers that file-backed units pass through on their way to a slot (one filling, one copying)."""
 
 
 def _align(nbytes: int) -> int:
@@ -106,6 +111,9 @@ class SlotPool:
         self.copy_stream: Any = torch.cuda.Stream(self.device) if self.cuda else None
         self.ready: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
         self.free: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
+        self.staging: list[torch.Tensor] = []  # page-locked, made at the first staged copy (file-backed weights)
+        self.staged: list[Any] = []
+        self._next_stage = 0
 
     @property
     def count(self) -> int:
@@ -115,14 +123,35 @@ class SlotPool:
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.buffers)
 
-    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool) -> None:
-        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished."""
+    def _stage(self, source: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Copy pageable `source` (a mapped weight-cache file: page cache, or the disk) into the next page-locked
+        staging buffer, once the GPU copy that last read that buffer has finished: the host copy of one unit
+        overlaps the GPU's copy of the previous one and the compute queued ahead of both."""
+        if not self.staging:
+            self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(STAGING_BUFFERS)]
+            self.staged = [torch.cuda.Event() for _ in range(STAGING_BUFFERS)]
+        index = self._next_stage
+        self._next_stage = (index + 1) % len(self.staging)
+        self.staged[index].synchronize()
+        buffer = self.staging[index][:source.numel()]
+        buffer.copy_(source)
+        return buffer, index
+
+    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool, staged: bool = False) -> None:
+        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished;
+        `staged`: `source` is pageable, so it goes through a page-locked staging buffer first."""
         target = self.buffers[slot][:source.numel()]
         if self.cuda and not synchronous:
+            stage = None
+            if staged:
+                source, stage = self._stage(source)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])
                 target.copy_(source, non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
+                if stage is not None:
+                    self.staged[stage].record(self.copy_stream)
         else:
             if self.cuda:  # an earlier async copy may still be writing: order after it, then copy blocking
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
@@ -150,7 +179,7 @@ class ModelStreamer:
 
     def __init__(self, name: str, model: torch.nn.Module, units: Sequence[torch.nn.Module], device: str | torch.device,
                  *, compute_dtype: torch.dtype = torch.bfloat16, pin: bool | None = None,
-                 patches: Patches | None = None):
+                 patches: Patches | None = None, weight_cache: WeightCache | None = None):
         self.name = name
         self.patches = patches if patches is not None else Patches()
         self.model = model
@@ -185,15 +214,31 @@ class ModelStreamer:
             self.units.append(_Unit(index, module, entries, offset))
 
         # Pack all units into one host allocation, unit by unit (each on its own pages), dropping each original tensor
-        # once copied, so the host holds little more than one copy at any time.
+        # once copied, so the host holds little more than one copy at any time. With a weight cache, the allocation
+        # is the mapped cache file instead (built once, one unit at a time), and nothing is page-locked.
+        total = sum(page_align(u.nbytes) for u in self.units)
+        self.file_backed = weight_cache is not None and bool(self.units)
+        if self.file_backed:
+            assert weight_cache is not None
+            layout = [(u.nbytes, [(str(e.dtype), e.offset, e.nbytes) for e in u.entries]) for u in self.units]
+
+            def write_unit(index: int, buffer: torch.Tensor) -> None:
+                unit = self.units[index]
+                for entry, view in zip(unit.entries, unit.views(buffer)):
+                    view.copy_(entry.param.data)
+
+            self.host_memory: HostMemory | FileMemory = weight_cache.memory(name, layout, total, write_unit)
+            pin = False
+        else:
+            self.host_memory = HostMemory(total)
         self.pin = pin
-        self.host_memory = HostMemory(sum(page_align(u.nbytes) for u in self.units))
         start = 0
         for unit in self.units:
             unit.host = self.host_memory.tensor[start:start + unit.nbytes]
             unit.host_views = unit.views(unit.host)
-            for entry, view in zip(unit.entries, unit.host_views):
-                view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
+            if not self.file_backed:
+                for entry, view in zip(unit.entries, unit.host_views):
+                    view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
             unit.point(unit.host_views)
             start += page_align(unit.nbytes)
             return_freed_host_memory()  # unit by unit: the host never holds much more than one copy
@@ -321,7 +366,8 @@ class ModelStreamer:
         if known is not None and known[0] == slot and self._ring.tags[slot] == known[1]:
             return
         tag = (self._id, index, next(self._serial))
-        self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous)
+        self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous,
+                        staged=self.file_backed)
         self._loaded[index] = (slot, tag)
 
     def _resync(self, index: int) -> None:

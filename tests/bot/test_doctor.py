@@ -200,6 +200,16 @@ def test_host_ram_against_the_mode(tmp_path):
         is Verdict.OK
 
 
+def test_ram_check_says_which_weight_path_stream_mode_takes(tmp_path):
+    sixteen = replace(HEALTHY, ram_total=16 * GIB, ram_available=10 * GIB)
+    detail = checks_by_name(real_config(tmp_path), sixteen)["ram"].detail
+    assert "file-backed" in detail and "10.0 GiB < 17.7 GiB" in detail and "weight-cache" in detail
+    plenty = replace(HEALTHY, ram_total=64 * GIB, ram_available=60 * GIB)
+    assert "weights pinned in RAM (host RAM budget 60.0 GiB" in checks_by_name(real_config(tmp_path), plenty)["ram"].detail
+    capped = checks_by_name(real_config(tmp_path, host_ram_budget_gb=8), plenty)["ram"].detail
+    assert "file-backed: host RAM budget 8.0 GiB" in capped
+
+
 def test_tiny_model_needs_no_gpu_and_console_only_can_start(tmp_path):
     config = Config(engine=EngineSettings(model="tiny", models_dir=tmp_path / "models"),
                     storage=StorageSettings(state_dir=tmp_path / "state"), console=ConsoleSettings(enabled=True))

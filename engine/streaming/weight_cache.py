@@ -1,0 +1,159 @@
+"""The converted weight cache: when host RAM is short (below `engine.host_ram_budget_gb`), a streamed model's units
+live in a file on disk instead of page-locked memory, packed in execution order in their storage dtype (float8 DiT
+and T5), each unit on its own page. The file is mapped read-only: its pages are page cache, which the kernel evicts
+under pressure instead of swapping, so the process holds no anonymous copy of the weights.
+
+File: magic, a JSON header (format version, the source files' sizes and mtimes, the packed layout, the data
+length), then the data from the first page boundary after the header. It is written once (to a temporary name,
+then renamed, so a crash or a full disk leaves no partial cache), reused at every start while the header matches,
+and rebuilt when a source file changed or the file is truncated or foreign."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from engine.streaming.host_memory import PAGE, page_align
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DRAWBOT-WEIGHTS\n"
+VERSION = 1
+HEADER_ROOM = 1 << 20
+"""Bytes reserved for magic + header length + JSON header; data starts here (a page boundary)."""
+
+
+class WeightCacheError(Exception):
+    """The weight cache cannot be written (full disk, read-only folder): one line with the fix."""
+
+
+def source_fingerprint(paths: Sequence[Path]) -> list[dict]:
+    return [{"path": str(Path(p).resolve()), "size": os.stat(p).st_size, "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]
+
+
+def layout_digest(layout: Sequence[tuple[int, Sequence[tuple[str, int, int]]]]) -> str:
+    """md5 of the packed layout: per unit (bytes, [(dtype, offset, nbytes)])."""
+    return hashlib.md5(json.dumps(layout).encode()).hexdigest()
+
+
+def _read_header(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return None
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= HEADER_ROOM - len(MAGIC) - 8:
+                return None
+            header = json.loads(f.read(length))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or header.get("version") != VERSION:
+        return None
+    if size != HEADER_ROOM + int(header.get("data_bytes", -1)):  # truncated, or grown by something else
+        return None
+    return header
+
+
+class FileMemory:
+    """The HostMemory interface over a mapped cache file: `tensor` views the data (read-only use), nothing is
+    page-locked, `release` drops a resident unit's mapped pages (the bytes stay in the file), `restore` has nothing
+    to do."""
+
+    pinned_bytes = 0
+
+    def __init__(self, path: Path, nbytes: int):
+        self.path = path
+        self.nbytes = nbytes
+        self._file = open(path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), HEADER_ROOM + max(nbytes, PAGE), access=mmap.ACCESS_COPY)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[HEADER_ROOM:HEADER_ROOM + nbytes]
+        self._released: dict[int, int] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return 0  # page cache, reclaimable: nothing the process holds
+
+    def pin(self, offset: int, nbytes: int) -> None:
+        return None
+
+    def release(self, offset: int, nbytes: int) -> bool:
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is not None and hasattr(self._map, "madvise") and nbytes:
+            self._map.madvise(advice, HEADER_ROOM + offset, page_align(nbytes))
+        self._released[offset] = nbytes
+        return True
+
+    def restore(self, offset: int, source: torch.Tensor, *, pin: bool) -> None:
+        self._released.pop(offset, None)
+
+
+@dataclass
+class WeightCache:
+    """Where the cache files live, and the source files each model's file is converted from."""
+
+    folder: Path
+    sources: dict[str, list[Path]]
+    """model name ("dit", "t5") -> the downloaded files it comes from."""
+    built: list[str] | None = None
+    """Names of the files built (not reused) by this process: for tests and the log."""
+
+    def path(self, name: str) -> Path:
+        return Path(self.folder) / f"{name}.weights"
+
+    def memory(self, name: str, layout: Sequence[tuple[int, Sequence[tuple[str, int, int]]]], nbytes: int,
+               write_unit: Callable[[int, torch.Tensor], None]) -> FileMemory:
+        """The mapped cache file for model `name`, built first when missing or stale: `write_unit(i, buffer)` fills
+        unit i's packed bytes into `buffer` (one unit in RAM at a time)."""
+        path = self.path(name)
+        expected = {"version": VERSION, "sources": source_fingerprint(self.sources.get(name, [])),
+                    "layout": layout_digest(layout), "data_bytes": nbytes}
+        header = _read_header(path)
+        if header != expected:
+            why = "missing" if not path.exists() else "stale, truncated or foreign" if header is None or \
+                header.get("sources") == expected["sources"] else "a source file changed"
+            log.info("building the weight cache %s (%s): %.2f GiB", path, why, nbytes / 2**30)
+            self._build(path, expected, layout, write_unit)
+            self.built = [*(self.built or []), name]
+        else:
+            log.info("reusing the weight cache %s", path)
+        return FileMemory(path, nbytes)
+
+    def _build(self, path: Path, header: dict, layout, write_unit) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        encoded = json.dumps(header).encode()
+        try:
+            with open(partial, "wb") as f:
+                f.write(MAGIC + len(encoded).to_bytes(8, "little") + encoded)
+                offset = 0
+                for index, (unit_bytes, _) in enumerate(layout):
+                    buffer = torch.zeros(page_align(unit_bytes), dtype=torch.uint8)
+                    write_unit(index, buffer[:unit_bytes])
+                    f.seek(HEADER_ROOM + offset)
+                    f.write(buffer.numpy().data)
+                    offset += page_align(unit_bytes)
+                f.truncate(HEADER_ROOM + header["data_bytes"])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = shutil.disk_usage(path.parent).free
+                raise WeightCacheError(
+                    f"no room for the weight cache {path}: it needs {(HEADER_ROOM + header['data_bytes']) / 2**30:.2f}"
+                    f" GiB, {free / 2**30:.2f} GiB are free (fix: free disk space there, or raise "
+                    f"engine.host_ram_budget_gb if this PC has the RAM)") from exc
+            raise WeightCacheError(f"cannot write the weight cache {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,133 @@
+"""The file-backed weight path (engine.streaming.weight_cache), on the CPU: the tiny model through the real DiffSynth
+pipeline draws the same pictures bit for bit as the pinned path and reuses its cache at a restart; a toy streamed
+model checks when the cache is rebuilt (changed source, truncated, foreign) and that a full disk is one clear error
+that leaves no partial file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from engine.jobs import GenerationRequest
+
+
+def _picture(pipeline, prompt: str) -> bytes:
+    return pipeline.generate(GenerationRequest(prompt, 7, 3, 64, 64), lambda d, t: None).png
+
+
+def _load(settings):
+    from engine.pipeline import FluxPipeline
+
+    return FluxPipeline.load(settings)
+
+
+def test_file_backed_pipeline_draws_what_the_pinned_one_draws_and_reuses_its_cache(tiny_settings, tmp_path):
+    from engine.streaming.weight_cache import FileMemory
+
+    pinned = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 64}))
+    file_settings = tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                     "weight_cache_dir": tmp_path / "cache"})
+    filed = _load(file_settings)
+    assert not pinned.streaming.dit.file_backed
+    for streamer in (filed.streaming.dit, filed.streaming.t5):
+        assert streamer.file_backed and isinstance(streamer.host_memory, FileMemory)
+        assert streamer.host_memory.held_bytes == 0  # the process holds no copy: page cache only
+    assert filed.streaming.dit.host_memory.path.parent == tmp_path / "cache"
+    first = {p: _picture(filed, p) for p in ("a red fox, file-backed", "a heron, file-backed")}
+    for prompt, png in first.items():
+        assert png == _picture(pinned, prompt)  # bit for bit, PNG included
+    dit_file = filed.streaming.dit.host_memory.path
+    stat = dit_file.stat()
+    del filed
+
+    restarted = _load(file_settings)  # a restart: same files, nothing rebuilt
+    assert restarted.streaming.weight_cache_built == []
+    assert dit_file.stat().st_mtime_ns == stat.st_mtime_ns and dit_file.stat().st_ino == stat.st_ino
+    assert _picture(restarted, "a red fox, file-backed") == first["a red fox, file-backed"]
+    del restarted
+
+    with open(dit_file, "r+b") as f:  # cut short (a crash, a copied-in file)
+        f.truncate(stat.st_size // 2)
+    rebuilt = _load(file_settings)
+    assert rebuilt.streaming.weight_cache_built == ["dit"]
+    assert dit_file.stat().st_size == stat.st_size
+    assert _picture(rebuilt, "a heron, file-backed") == first["a heron, file-backed"]
+
+
+class Toy:
+    """Five Linear units, their weights read from a safetensors source file, streamed through two slots."""
+
+    def __init__(self, folder):
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        self.source = folder / "toy.safetensors"
+        if not self.source.exists():
+            save_file({f"{i}.{k}": v for i, layer in enumerate(torch.nn.Sequential(
+                *[torch.nn.Linear(16, 16) for _ in range(5)])) for k, v in layer.state_dict().items()}, self.source)
+
+    def stream(self, cache):
+        from safetensors.torch import load_file
+
+        from engine.streaming import ModelStreamer, SlotPool
+
+        model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(5)])
+        model.load_state_dict(load_file(self.source))
+        x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+        expected = [layer(x) for layer in model]
+        streamer = ModelStreamer("toy", model, list(model), "cpu", compute_dtype=torch.float32, weight_cache=cache)
+        streamer.attach(SlotPool("cpu", max(streamer.unit_bytes), 2))
+        assert all(torch.equal(model[i](x), expected[i]) for i in (0, 1, 2, 3, 4, 0))
+        return streamer
+
+
+def _cache(folder, toy):
+    from engine.streaming.weight_cache import WeightCache
+
+    return WeightCache(folder, {"toy": [toy.source]})
+
+
+def test_cache_is_rebuilt_when_its_source_changes_or_it_is_foreign(tmp_path):
+    toy = Toy(tmp_path)
+    cache = _cache(tmp_path / "cache", toy)
+    toy.stream(cache)
+    assert cache.built == ["toy"]
+    again = _cache(tmp_path / "cache", toy)
+    toy.stream(again)
+    assert again.built is None  # reused
+
+    stat = toy.source.stat()
+    os.utime(toy.source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new download of the file
+    changed = _cache(tmp_path / "cache", toy)
+    toy.stream(changed)
+    assert changed.built == ["toy"]
+
+    path = changed.path("toy")
+    size = path.stat().st_size
+    path.write_bytes(os.urandom(size))  # same length, not ours
+    foreign = _cache(tmp_path / "cache", toy)
+    toy.stream(foreign)
+    assert foreign.built == ["toy"] and path.read_bytes()[:16] == b"DRAWBOT-WEIGHTS\n"
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_clear_error_and_leaves_no_partial_file(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a full disk)")
+    from engine.streaming.weight_cache import WeightCacheError
+
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(small)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        toy = Toy(tmp_path)
+        with pytest.raises(WeightCacheError, match="no room for the weight cache") as error:
+            toy.stream(_cache(small, toy))
+        assert "free disk space" in str(error.value) and "GiB are free" in str(error.value)
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
