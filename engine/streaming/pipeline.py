@@ -235,10 +235,18 @@ class PipelineStreaming:
         return self.report
 
 
+def second_size(width: int, height: int) -> tuple[int, int]:
+    """A picture size with another token count than width x height, for compiling the shape-generic graph at
+    start-up: half the size (cheap), at least 64 pixels a side, multiples of 16."""
+    half = (max(64, width // 2 // 16 * 16), max(64, height // 2 // 16 * 16))
+    return half if half != (width, height) else (width + 16, height)
+
+
 def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height: int,
                      slots: int = DEFAULT_SLOTS, margin_gb: float = DEFAULT_MARGIN_GB,
                      fp8_compute: bool = False, torch_compile: bool | Literal["auto"] = False,
-                     compile_backend="inductor", weight_cache: WeightCache | None = None) -> PipelineStreaming:
+                     compile_backend="inductor", weight_cache: WeightCache | None = None,
+                     compile_other_size: bool = True) -> PipelineStreaming:
     """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
     `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height,
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
@@ -260,11 +268,20 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         pipe(prompt="calibration", seed=0, num_inference_steps=1, width=width, height=height,
              progress_bar_cmd=lambda steps: steps)
 
+    def other_size() -> None:
+        """One step at another token count: torch.compile's automatic dynamic shapes compile the shape-generic
+        graph now, which every later size reuses, so no user's first picture of a new size waits for a compile."""
+        other_width, other_height = second_size(width, height)
+        pipe(prompt="calibration", seed=0, num_inference_steps=1, width=other_width, height=other_height,
+             progress_bar_cmd=lambda steps: steps)
+
     def first_generation() -> None:
         if torch.device(device).type == "cuda":
             streaming.plan(budget_gb, calibrate, width=width, height=height, margin_gb=margin_gb)
         elif streaming.torch_compiled:
             calibrate()  # compile now, where a failure can still fall back
+        if streaming.torch_compiled and compile_other_size:
+            other_size()
 
     started = time.monotonic()
     try:
@@ -275,6 +292,7 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         streaming.stop_compiling(exc, "at start-up")
         first_generation()
     if streaming.torch_compiled:
-        log.info("DiT blocks compiled (torch.compile) in the first generation: %.1f s", time.monotonic() - started)
+        log.info("DiT blocks compiled (torch.compile) at start-up, exact and shape-generic graphs: %.1f s",
+                 time.monotonic() - started)
     install_prompt_cache(pipe, patches=streaming.patches)
     return streaming

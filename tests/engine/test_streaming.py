@@ -422,8 +422,8 @@ def test_auto_compile_stays_eager_on_a_cpu(stream_pipeline):
 
 
 def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_settings, monkeypatch, caplog):
-    """The first size compiles at start-up; another size compiles again at its first picture. When that fails (say
-    Triton breaks on it), the picture is still drawn, eagerly, and the blocks stay eager from then on."""
+    """When a compile during a picture fails (here: the compiled graphs are dropped, so the next picture compiles
+    again, and Triton breaks on it), the picture is still drawn, eagerly, and the blocks stay eager from then on."""
     import torch._dynamo
 
     from engine import streaming as module
@@ -444,6 +444,7 @@ def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_setti
         assert pipeline.streaming.torch_compiled  # compiled at start-up (64x64), without trouble
         pipeline.generate(GenerationRequest("a fox, compiled size", 3, 2, 64, 64), lambda d, t: None)
         broken["now"] = True
+        torch._dynamo.reset()
         steps: list[tuple[int, int]] = []
         with caplog.at_level("WARNING", logger="engine.streaming"):
             result = pipeline.generate(GenerationRequest("a fox, new size", 3, 2, 96, 64),
@@ -453,6 +454,37 @@ def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_setti
         assert steps[-1] == (2, 2) and result.seconds_per_step > 0
         again = pipeline.generate(GenerationRequest("a fox, new size", 3, 2, 96, 64), lambda d, t: None)
         assert again.png == result.png  # what the eager blocks draw
+    finally:
+        pipeline.streaming.set_torch_compile(False)
+        torch._dynamo.reset()
+
+
+def test_no_picture_of_a_new_size_waits_for_a_compile_after_start_up(stream_settings, monkeypatch):
+    """Start-up compiles the exact graph (first size) and the shape-generic one (a second size); pictures at any
+    other size afterwards reuse the shape-generic graph: the compiler backend is not called again."""
+    import torch._dynamo
+
+    from engine import streaming as module
+    from engine.pipeline import FluxPipeline
+    from engine.streaming.pipeline import second_size
+
+    assert second_size(1024, 1024) == (512, 512) and second_size(64, 64) == (80, 64)
+    torch._dynamo.reset()
+    compiles: list[int] = []
+
+    def backend(graph, example_inputs):
+        compiles.append(1)
+        return graph.forward
+
+    real = module.enable_streaming
+    monkeypatch.setattr(module, "enable_streaming", lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": backend}))
+    pipeline = FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True}))
+    try:
+        at_start = len(compiles)
+        assert pipeline.streaming.torch_compiled and at_start >= 4  # 2 block classes x (exact, shape-generic)
+        for width, height in ((64, 64), (96, 64), (64, 128), (144, 80)):
+            pipeline.generate(GenerationRequest(f"a fox at {width}x{height}", 3, 2, width, height), lambda d, t: None)
+        assert len(compiles) == at_start
     finally:
         pipeline.streaming.set_torch_compile(False)
         torch._dynamo.reset()
