@@ -176,6 +176,14 @@ def load_config(path: Path | None) -> Config:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (copy config.example.toml to start)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a config file: name the file itself, e.g. {path}/config.toml") \
+            from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}): make it readable by the bot's user") \
+            from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     for platform in ("telegram", "discord"):

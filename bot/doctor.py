@@ -423,7 +423,7 @@ def check_chat_platforms(config: Config) -> Check:
 
 
 def check_database(config: Config) -> Check:
-    from bot.store import SCHEMA_VERSION
+    from bot.store import SCHEMA_VERSION, foreign_database
 
     path = Path(config.storage.database_path).absolute()
     own_it = (f"the folder must belong to the user the bot runs as: `sudo chown -R drawbot:drawbot "
@@ -445,6 +445,9 @@ def check_database(config: Config) -> Check:
         connection = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, timeout=2.0)
         try:
             version = int(connection.execute("PRAGMA user_version").fetchone()[0])
+            app_id = int(connection.execute("PRAGMA application_id").fetchone()[0])
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
             connection.execute("BEGIN IMMEDIATE")
             connection.rollback()
         finally:
@@ -457,6 +460,10 @@ def check_database(config: Config) -> Check:
     except sqlite3.DatabaseError as exc:
         return Check("database", Verdict.FAIL, f"{path} is not a drawbot database or is damaged ({exc})",
                      "move it away (the bot creates a new one), or point [storage] database elsewhere")
+    foreign = foreign_database(path, app_id, version, tables)
+    if foreign:
+        detail, _, fix = foreign.rpartition(": ")
+        return Check("database", Verdict.FAIL, detail, fix)
     if version > SCHEMA_VERSION:
         return Check("database", Verdict.FAIL,
                      f"{path} was written by a newer drawbot (schema {version}; this one knows {SCHEMA_VERSION})",

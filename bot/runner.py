@@ -25,7 +25,7 @@ from bot.core import ChatCore
 from bot.draw_command import TINY_FALLBACK
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
-from bot.store import Store
+from bot.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,11 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     from engine.worker import Engine
 
     storage = config.storage
-    store = await Store.open(storage.database_path, storage.images_dir)
+    try:
+        store = await Store.open(storage.database_path, storage.images_dir)
+    except StoreError as exc:
+        say(str(exc))
+        return 2
     engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
     say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
     try:

@@ -130,6 +130,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+APPLICATION_ID = 0x64726177  # "draw": SQLite's header field that tells whose file this is (PRAGMA application_id)
 
 
 class StoreError(Exception):
@@ -272,11 +273,15 @@ class Store:
             images_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the storage folders for {path} / {images_dir}: {exc.strerror}") from None
+        # SQLite silently opens a file it cannot write read-only, and the first accepted job would then fail.
+        for needed in (path, path.parent):
+            if needed.exists() and not os.access(needed, os.W_OK):
+                raise StoreError(_unreadable(path, sqlite3.OperationalError("attempt to write a readonly database")))
         try:
             # isolation_level=None: no implicit transactions; every write below says BEGIN IMMEDIATE itself.
             db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the database {path}: {exc}") from None
+            raise StoreError(_unreadable(path, exc)) from None
         db.row_factory = sqlite3.Row
         store = cls(db, path, images_dir, clock)
         try:
@@ -297,14 +302,31 @@ class Store:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    async def _check_identity(self) -> None:
+        """Refuse, before changing anything in it, a file that is not SQLite or is another program's database.
+
+        Ours carry APPLICATION_ID in their header; files from drawbots older than that are known by their `jobs`
+        table and get the id at the next migration."""
+        try:
+            app_id = int(await self._scalar("PRAGMA application_id"))
+            version = int(await self._scalar("PRAGMA user_version"))
+            tables = {row[0] for row in await self._rows(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(_unreadable(self._path, exc)) from None
+        problem = foreign_database(self._path, app_id, version, tables)
+        if problem:
+            raise StoreError(problem)
+
     async def _configure(self) -> None:
+        await self._check_identity()
         try:
             mode = await self._scalar("PRAGMA journal_mode = WAL")
             await self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self._path} is not a drawbot database (or is damaged): {exc}") from None
+            raise StoreError(_unreadable(self._path, exc)) from None
         if str(mode).lower() != "wal":
             log.warning("%s: SQLite would not switch to WAL mode (got %r); concurrent access will be slower",
                         self._path, mode)
@@ -329,6 +351,8 @@ class Store:
                 # PRAGMA takes no parameters; `number` is our own int.
                 await self._db.execute(f"PRAGMA user_version = {int(number)}")
                 log.info("%s: database schema migrated to version %d", self._path, number)
+            if int(await self._scalar("PRAGMA application_id")) != APPLICATION_ID:
+                await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
     # ---- transactions ----------------------------------------------------------------------------------------
 
@@ -810,6 +834,35 @@ def _encode_reply_ref(reply_ref: Mapping[str, Any]) -> str:
         return json.dumps(dict(reply_ref), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"reply_ref must hold only JSON data: {exc}") from None
+
+
+def foreign_database(path: Path, app_id: int, version: int, tables: set[str]) -> str | None:
+    """Why the SQLite file at `path` is not drawbot's (None: it is ours, an older drawbot's, or empty)."""
+    move_away = "move it away (the bot then creates a new database) or point [storage] database at another file"
+    if app_id not in (0, APPLICATION_ID):
+        return f"{path} is another program's SQLite database (application_id {app_id:#x}), not drawbot's: {move_away}"
+    if app_id == 0 and tables and not (version >= 1 and "jobs" in tables):
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        return f"{path} is another program's SQLite database (tables: {shown}), not drawbot's: {move_away}"
+    return None
+
+
+def _unreadable(path: Path, exc: sqlite3.Error) -> str:
+    """One line for an owner about a database file SQLite cannot use, by SQLite's own error code."""
+    code = getattr(exc, "sqlite_errorname", "")
+    if code == "SQLITE_READONLY" or "readonly" in str(exc):
+        return (f"the database {path} is read-only (a read-only mount, or not writable by the bot's user): point "
+                "[storage] state_dir / database at a writable place, or make it writable")
+    if code == "SQLITE_NOTADB":
+        return (f"{path} is not a SQLite database (its content is something else): move it away (the bot then "
+                "creates a new database) or point [storage] database at another file")
+    if code == "SQLITE_CANTOPEN":
+        return (f"cannot open the database {path}: make it and its folder writable by the bot's user, or point "
+                "[storage] database elsewhere")
+    if code == "SQLITE_FULL":
+        return f"the disk holding the database {path} is full: free some space there"
+    return (f"the database {path} is damaged ({exc}): move it away (the bot then creates a new one), or restore "
+            "a backup")
 
 
 def _clip(text: str) -> str:

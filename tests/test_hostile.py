@@ -90,3 +90,101 @@ def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
     rows = job_rows(db)
     assert [r["status"] for r in rows] == ["done", "done"] and all(r["delivered_at"] for r in rows)
     assert second.stdout.count("picture saved") == 2
+
+
+# -- set-up problems: exit 2, one line, the files left as they were -------------------------------------------------
+
+
+def draw_one_picture(config: Path, cwd: Path) -> list[dict]:
+    """A bot that has drawn one picture: its history row must survive whatever comes next."""
+    done = drawbot("run", "--config", str(config), cwd=cwd, stdin="/draw a remembered heron 3 1\n")
+    assert done.returncode == 0, done.stderr
+    rows = job_rows(config.parent / "state" / "drawbot.sqlite3")
+    assert [r["status"] for r in rows] == ["done"]
+    return rows
+
+
+@pytest.fixture
+def mounts():
+    """Mount points to undo after the test (root only)."""
+    mounted: list[Path] = []
+    yield mounted
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def mount(mounted: list[Path], *args: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a file system (CI runs as root)")
+    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({done.stderr.strip()}); CI can")
+    mounted.append(Path(args[-1]))
+
+
+def read_only_bind(mounted: list[Path], folder: Path) -> None:
+    mount(mounted, "--bind", str(folder), str(folder))
+    mount(mounted, "-o", "remount,bind,ro", str(folder))
+
+
+def test_a_read_only_state_dir_exits_2_and_keeps_the_history(setup, tmp_path, mounts):
+    config, state, _ = setup
+    rows = draw_one_picture(config, tmp_path)
+    read_only_bind(mounts, state)
+    done = drawbot("run", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_clean_line(done.stderr, str(state), "read-only file system", "writable")
+    assert job_rows(state / "drawbot.sqlite3") == rows
+
+
+def test_a_database_on_a_read_only_mount_is_called_read_only_not_damaged(tmp_path, models_dir, mounts):
+    state, elsewhere = tmp_path / "state", tmp_path / "db"
+    config = write_config(tmp_path / "config.toml", models_dir, state)
+    config.write_text(config.read_text().replace("[storage]\n", f'[storage]\ndatabase = "{elsewhere}/bot.sqlite3"\n'))
+    done = drawbot("run", "--config", str(config), cwd=tmp_path, stdin="/draw a remembered heron 3 1\n")
+    assert done.returncode == 0, done.stderr
+    rows = job_rows(elsewhere / "bot.sqlite3")
+    assert len(rows) == 1
+    read_only_bind(mounts, elsewhere)
+    done = drawbot("run", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    line = assert_one_clean_line(done.stderr, str(elsewhere / "bot.sqlite3"), "read-only")
+    assert "damaged" not in line
+    assert job_rows(elsewhere / "bot.sqlite3") == rows
+
+
+def test_a_garbage_database_exits_2_and_is_left_alone(setup, tmp_path):
+    config, state, _ = setup
+    state.mkdir()
+    garbage = b"\x00garbage, not SQLite\xff" * 500
+    (state / "drawbot.sqlite3").write_bytes(garbage)
+    done = drawbot("run", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_clean_line(done.stderr, "is not a SQLite database", "move it away")
+    assert (state / "drawbot.sqlite3").read_bytes() == garbage
+
+
+def test_another_programs_sqlite_file_exits_2_and_gets_none_of_our_tables(setup, tmp_path):
+    config, state, _ = setup
+    state.mkdir()
+    with sqlite3.connect(state / "drawbot.sqlite3") as other:
+        other.execute("CREATE TABLE invoices (number INTEGER, total REAL)")
+        other.execute("INSERT INTO invoices VALUES (1, 9.5)")
+        other.execute("PRAGMA user_version = 7")
+    before = (state / "drawbot.sqlite3").read_bytes()
+    done = drawbot("run", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_clean_line(done.stderr, "another program's SQLite database", "invoices")
+    assert (state / "drawbot.sqlite3").read_bytes() == before  # not a byte changed: no tables, no WAL switch
+
+
+@pytest.mark.parametrize("command", [["run"], ["draw", "a fox"], ["doctor"], ["download"]])
+def test_a_config_that_is_not_utf8_or_is_a_folder_exits_2_in_one_line(tmp_path, command):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[console]\nuser = "José"\n'.encode("latin-1"))
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    for config, expected in ((latin1, "not UTF-8"), (folder, "is a folder")):
+        done = drawbot(*command, "--config", str(config), cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert_one_clean_line(done.stderr, str(config), expected)

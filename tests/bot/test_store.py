@@ -132,8 +132,10 @@ async def test_newer_database_is_refused_clearly(db_path, images_dir, clock):
 async def test_a_file_that_is_not_a_database_is_refused_clearly(tmp_path, clock):
     bogus = tmp_path / "notes.sqlite3"
     bogus.write_bytes(b"this is a text file, not SQLite " * 100)
-    with pytest.raises(StoreError, match="not a drawbot database"):
+    with pytest.raises(StoreError, match="is not a SQLite database .*move it away") as caught:
         await Store.open(bogus, tmp_path / "images", clock=clock)
+    assert "damaged" not in str(caught.value)
+    assert bogus.read_bytes() == b"this is a text file, not SQLite " * 100
 
 
 async def test_another_programs_database_is_refused_clearly(db_path, images_dir, clock):
@@ -141,11 +143,70 @@ async def test_another_programs_database_is_refused_clearly(db_path, images_dir,
     with sqlite3.connect(db_path) as raw:
         raw.execute("CREATE TABLE jobs (name TEXT)")  # same table name, user_version still 0
         raw.execute("INSERT INTO jobs VALUES ('keep me')")
-    with pytest.raises(StoreError, match="cannot bring the database to schema version 1"):
+    with pytest.raises(StoreError, match="another program's SQLite database \\(tables: jobs\\), not drawbot's"):
         await Store.open(db_path, images_dir, clock=clock)
     with sqlite3.connect(db_path) as raw:  # left exactly as it was
         assert raw.execute("SELECT name FROM jobs").fetchall() == [("keep me",)]
         assert raw.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+async def test_another_programs_database_with_a_schema_version_gets_no_tables_of_ours(db_path, images_dir, clock):
+    """An app with its own tables and user_version (most apps): refused before drawbot writes anything."""
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("CREATE TABLE recipes (name TEXT)")
+        raw.execute("PRAGMA user_version = 2")
+    with pytest.raises(StoreError, match="another program's SQLite database \\(tables: recipes\\)"):
+        await Store.open(db_path, images_dir, clock=clock)
+    with sqlite3.connect(db_path) as raw:
+        tables = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"recipes"} and raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+async def test_a_database_marked_by_another_application_is_refused(db_path, images_dir, clock):
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as raw:
+        raw.execute("PRAGMA application_id = 1234")  # e.g. an empty file of another program, already marked
+    with pytest.raises(StoreError, match="application_id 0x4d2"):
+        await Store.open(db_path, images_dir, clock=clock)
+
+
+async def test_our_databases_are_marked_and_an_older_unmarked_one_keeps_working(db_path, images_dir, clock):
+    from bot.store import APPLICATION_ID, MIGRATIONS
+
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as raw:  # a drawbot database from before the application_id mark
+        for statement in MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO jobs (id, platform, user_id, chat_id, prompt, seed, steps, width, height, status, "
+                    "created_at) VALUES ('0123456789abcdef0123456789abcdef', 'console', 'me', 'c', 'old fox', 1, 1, "
+                    "64, 64, 'done', 1.0)")
+    store = await Store.open(db_path, images_dir, clock=clock)
+    try:
+        assert (await store.get_job("0123456789abcdef0123456789abcdef")).prompt == "old fox"
+    finally:
+        await store.close()
+    with sqlite3.connect(db_path) as raw:
+        assert raw.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_read_only_database_is_called_read_only_not_damaged(db_path, images_dir, clock):
+    """A read-only file as a non-root owner meets it (root writes anyway: the mount case is in test_hostile)."""
+    store = await Store.open(db_path, images_dir, clock=clock)
+    await store.close()
+    # SQLite's own read-only open stands in for a read-only mount: the same SQLITE_READONLY on the first write.
+    from bot.store import _unreadable
+
+    raw = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            raw.execute("PRAGMA user_version = 9")
+    finally:
+        raw.close()
+    message = _unreadable(db_path, caught.value)
+    assert "read-only" in message and "damaged" not in message and str(db_path) in message
 
 
 async def test_busy_database_is_waited_for_not_failed(store, db_path):
