@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class TokenRefused(Exception):
+    """The chat platform refused the bot token: a set-up problem for the owner (`drawbot run` exits 2 with this
+    one-line message, which never holds the token)."""
+
+
 @dataclass(frozen=True)
 class User:
     platform: str

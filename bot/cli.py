@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download":
             from engine.weights import WeightsError, download
 
+            # urllib3 warns at each retry of a failed connection; the one line below says it all.
+            logging.getLogger("urllib3").setLevel(logging.ERROR)
             try:
                 files = download(config.engine.models_dir)
             except WeightsError as exc:

@@ -4,21 +4,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.commands import SEED_MAX
+from bot.commands import SEED_MAX, DrawRules, UsageError, validate_draw
 from bot.config import Config
 from engine.jobs import EngineError, GenerationRequest, JobEvent
+from engine.png import SAVE_FORMATS, convert
 
+
+
+def say(text: str) -> int:
+    """One line for the owner; returns the set-up exit code."""
+    print(f"drawbot: {text}", file=sys.stderr)
+    return 2
+
+
+def check_output(output: Path) -> str | None:
+    """Why the picture could not be saved at `output` (None: it can), checked before drawing, not after."""
+    if output.suffix.lower() not in SAVE_FORMATS:
+        return (f"-o {output}: drawbot writes {', '.join(SAVE_FORMATS)} files; end the name with one of them, "
+                f"e.g. -o {output.with_suffix('.png').name}")
+    folder = output.parent
+    if output.is_dir():
+        return f"-o {output} is a folder: name the file, e.g. -o {output / 'drawbot.png'}"
+    if not folder.is_dir():
+        return f"-o {output}: the folder {folder} does not exist; create it first (mkdir -p {folder})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"-o {output}: cannot write into {folder}; choose a folder you can write to"
+    return None
 
 
 def draw(config: Config, args: argparse.Namespace) -> int:
     settings = config.engine
     if args.model:
         settings = settings.model_copy(update={"model": args.model})
+    rules = DrawRules(min_steps=settings.min_steps, max_steps=settings.max_steps, default_steps=settings.default_steps,
+                      width=settings.width, height=settings.height, max_prompt_chars=config.limits.max_prompt_chars,
+                      max_prompt_tokens=config.limits.max_prompt_tokens)
+    try:  # the prompt rules chat applies (not empty, not too long), so the CLI accepts what a user could ask
+        prompt = validate_draw(args.prompt, None, None, rules).prompt
+    except UsageError as exc:
+        return say(str(exc).replace("/draw ", "drawbot draw "))
+    problem = check_output(args.output)
+    if problem:
+        return say(problem)
     steps = settings.default_steps if args.steps is None else args.steps
     if not settings.min_steps <= steps <= settings.max_steps:
         print(f"drawbot: --steps must be {settings.min_steps}..{settings.max_steps} (got {steps})", file=sys.stderr)
@@ -34,7 +68,7 @@ def draw(config: Config, args: argparse.Namespace) -> int:
             print(f"drawbot: {name} must be a multiple of 16 between 64 and 2048 (got {value})", file=sys.stderr)
             return 2
     settings = fall_back_to_tiny_if_needed(settings, explicit=bool(args.model))
-    request = GenerationRequest(prompt=args.prompt, seed=seed, steps=steps, width=width, height=height)
+    request = GenerationRequest(prompt=prompt, seed=seed, steps=steps, width=width, height=height)
     return asyncio.run(_draw(settings, request, args.output))
 
 
@@ -85,7 +119,11 @@ async def _draw(settings, request: GenerationRequest, output) -> int:
     finally:
         bar.close()
         await engine.close()
-    output.write_bytes(result.png)
+    try:
+        output.write_bytes(convert(result.png, SAVE_FORMATS[output.suffix.lower()]))
+    except OSError as exc:  # checked before drawing; a disk that filled up meanwhile still gets one line
+        print(f"drawbot: cannot save {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"saved {output} (seed {request.seed}, {request.steps} steps, {request.width}x{request.height}, "
           f"{result.seconds:.1f} s, {result.seconds_per_step:.2f} s/step)")
     if result.notice:

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from bot.chat import TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
 from bot.draw_command import TINY_FALLBACK
@@ -285,7 +286,11 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
             done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             pending.discard(stopper)
             for task in done - {stopper}:
-                if not task.cancelled() and task.exception() is not None:
+                if not task.cancelled() and isinstance(task.exception(), TokenRefused):
+                    say(str(task.exception()))  # the owner's to fix: one line, no traceback
+                    exit_code = 2
+                    stop.set()
+                elif not task.cancelled() and task.exception() is not None:
                     log.error("%s stopped with an error", task.get_name(), exc_info=task.exception())
                     exit_code = 1
                     stop.set()

@@ -41,6 +41,27 @@ def encode_png(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+"""File suffixes `drawbot draw -o` writes, and the format each one means."""
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+
+
+def convert(png: bytes, image_format: str) -> bytes:
+    """The PNG re-encoded as `image_format` (a SAVE_FORMATS value). JPEG and WebP carry the parameters in the EXIF
+    UserComment, where A1111 writes them for those formats."""
+    if image_format == "PNG":
+        return png
+    with Image.open(io.BytesIO(png)) as image:
+        parameters = image.text.get("parameters")  # type: ignore[attr-defined]
+        rgb = image.convert("RGB")
+    exif = Image.Exif()
+    if parameters:
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format=image_format, quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
 def read_parameters(png: bytes) -> str | None:
     with Image.open(io.BytesIO(png)) as image:
         return image.text.get("parameters")  # type: ignore[attr-defined]

@@ -37,6 +37,34 @@ class WeightsError(Exception):
         self.problems = problems
 
 
+class DownloadError(WeightsError):
+    """`drawbot download` could not fetch the files (one line for the owner)."""
+
+    def __init__(self, message: str):
+        Exception.__init__(self, message)
+        self.problems = [message]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The root cause in one short line (requests nests the DNS error three exceptions deep)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+def _remove_empty_leftovers(target: Path, *, stop_at: Path) -> None:
+    """ModelScope leaves `._____temp` (its partial downloads) in the target; an empty one, and the empty folders
+    made for it, are removed. One holding a partial file stays, so the next try resumes it."""
+    for folder in (target / "._____temp", target, *target.parents):
+        if folder == stop_at or stop_at not in folder.parents:
+            break
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            break
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """Absolute paths of one complete model (real or tiny)."""
@@ -143,7 +171,14 @@ def download(models_dir: Path, *, snapshot_download: SnapshotDownload | None = N
     for repo_id, patterns in DOWNLOADS.items():
         target = models_dir / repo_id
         log.info("downloading %s (%s) into %s", repo_id, ", ".join(patterns), target)
-        snapshot_download(repo_id, allow_patterns=patterns, local_dir=str(target))
+        try:
+            snapshot_download(repo_id, allow_patterns=patterns, local_dir=str(target))
+        except Exception as exc:  # network, DNS, proxy, HTTP errors: whatever ModelScope's client raises
+            raise DownloadError(f"cannot download {repo_id} from ModelScope ({_first_line(exc)}): check the network "
+                                "(or HTTPS_PROXY), then run `drawbot download` again; finished files are kept") \
+                from None
+        finally:
+            _remove_empty_leftovers(target, stop_at=models_dir)
     files = real_model_files(models_dir)
     problems = check(files, fix="drawbot download")
     if problems:

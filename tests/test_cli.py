@@ -61,3 +61,60 @@ def test_make_run_with_a_config_toml_starts_the_bot_and_answers(tmp_path, models
     assert "picture saved: state/images/" in done.stdout and "seed 7 · 1 step" in done.stdout
     assert "Waiting or drawing now" in done.stdout
     assert (tmp_path / "state" / "drawbot.sqlite3").is_file()  # the config's state_dir, relative to the clone
+
+
+def drawbot(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=child_env(), timeout=timeout)
+
+
+def tiny_draw_args(models_dir: Path, tmp_path: Path) -> list[str]:
+    config = tmp_path / "draw.toml"
+    config.write_text(f'[engine]\nmodel = "tiny"\nmodels_dir = {json.dumps(str(models_dir))}\ndevice = "cpu"\n'
+                      'width = 64\nheight = 64\n')
+    return ["--config", str(config), "--steps", "1", "--seed", "5"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["", "-o", "x.png"], "Tell me what to draw"),  # the same rule (and words) as chat
+    (["  \u3164 ", "-o", "x.png"], "Tell me what to draw"),
+    (["a fox", "-o", "missing_dir/x.png"], "the folder missing_dir does not exist"),
+    (["a fox", "-o", "x.gif"], ".png, .jpg, .jpeg, .webp"),
+])
+def test_draw_refuses_bad_input_before_drawing(tmp_path, models_dir, args, expected):
+    done = drawbot("draw", *args, *tiny_draw_args(models_dir, tmp_path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and expected in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1  # one line; nothing loaded, nothing drawn
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.gif"))
+
+
+@pytest.mark.parametrize(("name", "image_format"), [("fox.jpg", "JPEG"), ("fox.webp", "WEBP")])
+def test_draw_writes_the_format_the_suffix_names(tmp_path, models_dir, name, image_format):
+    from PIL import Image
+
+    done = drawbot("draw", "a red fox", "-o", name, *tiny_draw_args(models_dir, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / name) as image:
+        assert image.format == image_format and image.size == (64, 64)
+        if image_format == "PNG":
+            parameters = image.text["parameters"]
+        else:  # A1111's place for JPEG/WebP: EXIF UserComment, UTF-16 after an 8-byte "UNICODE" header
+            parameters = image.getexif().get_ifd(0x8769)[0x9286][8:].decode("utf-16-be")
+    assert parameters.startswith("a red fox\n") and "Seed: 5," in parameters
+
+
+def test_download_without_network_says_so_in_one_line_and_leaves_no_temp_folder(tmp_path):
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare (util-linux) to cut the network off; CI runs as root")
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -n is not allowed here (no network namespaces); CI can")
+    config = tmp_path / "dl.toml"
+    config.write_text(f'[engine]\nmodels_dir = {json.dumps(str(tmp_path / "models"))}\n')
+    done = subprocess.run(["unshare", "-n", sys.executable, "-m", "bot.cli", "download", "--config", str(config)],
+                          capture_output=True, text=True, cwd=tmp_path, env=child_env(), timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("drawbot:")]
+    assert "cannot download MAILAND/majicflus_v1 from ModelScope" in line and "check the network" in line
+    assert not list((tmp_path / "models").rglob("._____temp"))

@@ -8,6 +8,7 @@ Conditions that need root (a tmpfs mount) skip with the reason when the tests ar
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -188,3 +189,24 @@ def test_a_config_that_is_not_utf8_or_is_a_folder_exits_2_in_one_line(tmp_path, 
         done = drawbot(*command, "--config", str(config), cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert_one_clean_line(done.stderr, str(config), expected)
+
+
+async def test_a_telegram_token_the_platform_refuses_exits_2_in_one_line(tmp_path, models_dir):
+    from tests.fakes.telegram_api import FakeTelegramServer
+
+    wrong = "999:not-the-token-of-this-bot"
+    async with FakeTelegramServer(bot_username="DrawTestBot") as tg:
+        config = write_config(tmp_path / "config.toml", models_dir, tmp_path / "state")
+        config.write_text(config.read_text().replace(
+            "[telegram]\nenabled = false\n", f'[telegram]\napi_base_url = "{tg.base_url}"\n'
+                                               f'base_file_url = "{tg.base_file_url}"\n').replace(
+            "[console]\nenabled = true\n", "[console]\nenabled = false\n"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "run", "--config", str(config), cwd=tmp_path,
+            env=child_env(DRAWBOT_TELEGRAM_TOKEN=wrong), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    stderr = err.decode()
+    assert proc.returncode == 2, stderr
+    assert_one_clean_line(stderr, "Telegram refused the bot token", "DRAWBOT_TELEGRAM_TOKEN")
+    assert wrong not in stderr and "not-the-token" not in stderr

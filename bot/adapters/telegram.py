@@ -51,7 +51,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot.chat import Button, Picture, User
+from bot.chat import Button, Picture, TokenRefused, User
 from bot.config import TelegramSettings
 from bot.core import ChatCore
 from engine.png import fit_for_upload
@@ -334,8 +334,9 @@ class TelegramPlatform:
                     await self.application.initialize()
                 except InvalidToken:
                     # PTB's message quotes the token: replace it with one that does not.
-                    raise RuntimeError("Telegram refused the bot token (check DRAWBOT_TELEGRAM_TOKEN or "
-                                       "[telegram].token_file)") from None
+                    raise TokenRefused("Telegram refused the bot token (401 Unauthorized): check "
+                                       "DRAWBOT_TELEGRAM_TOKEN or [telegram].token_file (the token @BotFather "
+                                       "gave)") from None
                 self._initialized = True
         return self.application.bot
 

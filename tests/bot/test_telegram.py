@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from telegram.error import RetryAfter
 
+from bot.chat import TokenRefused
 from bot.adapters.telegram import (
     MAX_PHOTO_BYTES,
     TelegramHTML,
@@ -415,7 +416,7 @@ async def test_start_up_waits_for_the_network_and_a_refused_token_is_reported_wi
 
         wrong = "999:not-the-token"
         refused = TelegramPlatform(None, settings_for(tg), wrong)  # type: ignore[arg-type]
-        with pytest.raises(RuntimeError, match="refused the bot token") as error:
+        with pytest.raises(TokenRefused, match="refused the bot token") as error:
             await refused.run()
         assert wrong not in str(error.value) and error.value.__cause__ is None
 

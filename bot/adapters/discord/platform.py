@@ -31,6 +31,7 @@ from bot.adapters.discord.conversation import ConversationRef, DiscordConversati
 from bot.adapters.discord.handlers import DiscordHandlers
 from bot.adapters.discord.markup import NO_PINGS
 from bot.adapters.discord.sync import STATE_FILE, SyncState, sync_if_changed
+from bot.chat import TokenRefused
 from bot.config import DiscordSettings
 from bot.core import ChatCore
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 FAKE_PORT_ENV = "DRAWBOT_FAKE_DISCORD_PORT"
 
 
-class DiscordLoginError(Exception):
+class DiscordLoginError(TokenRefused):
     """Discord refused the bot token (worded for the owner; the token itself is never shown)."""
 
 
