@@ -30,6 +30,9 @@ from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCan
 
 log = logging.getLogger(__name__)
 
+HISTORY_SHOWN = 10
+"""Pictures /history lists, numbered from 1 (the newest); `/again N` takes those numbers."""
+
 
 class EngineLike(Protocol):
     def submit(self, request: GenerationRequest, listener=None, *, job_id: str | None = None): ...
@@ -141,8 +144,17 @@ class ChatCore:
         await self.submit(user, conv, command)
 
     async def _button_text(self, user: User, conv: Conversation, action: str, rest: str) -> None:
-        answer = await self.on_button(user, conv, f"{action}:{rest.strip()}")
-        if answer:
+        """/again, /reroll with a job id or the number /history shows next to the picture."""
+        target = rest.strip()
+        if target.isdecimal() and len(target) <= 3:
+            shown = await self.store.history(user.platform, user.id, HISTORY_SHOWN)
+            n = int(target)
+            if not 1 <= n <= len(shown):
+                await conv.send_text(conv.markup.escape(replies.no_such_history_entry(n, len(shown))))
+                return
+            target = shown[n - 1].id
+        answer = await self.on_button(user, conv, f"{action}:{target}")
+        if answer and answer != replies.QUEUED_TOAST:  # accepted: the queue message already said so
             await conv.send_text(conv.markup.escape(answer))
 
     async def _ban_text(self, user: User, conv: Conversation, rest: str, *, ban: bool) -> None:
@@ -436,7 +448,7 @@ class ChatCore:
             command = DrawCommand(prompt=record.prompt, seed=seed, steps=record.steps, width=record.width,
                                   height=record.height, as_file=bool(record.reply_ref.get("as_file")))
             job = await self.submit(user, conv, command)
-            return "Queued!" if job else None
+            return replies.QUEUED_TOAST if job else None
         return None
 
     # -- other commands ----------------------------------------------------------------------------------------------
@@ -446,7 +458,7 @@ class ChatCore:
                                                default_steps=e.default_steps, is_test_model=self.is_test_model,
                                                typed_options=getattr(conv, "typed_options", False)))
 
-    async def history(self, user: User, conv: Conversation, limit: int = 10) -> None:
+    async def history(self, user: User, conv: Conversation, limit: int = HISTORY_SHOWN) -> None:
         m = conv.markup
         records = await self.store.history(user.platform, user.id, limit)
         if not records:
@@ -458,7 +470,7 @@ class ChatCore:
         for n, r in enumerate(records, start=1):
             lines.append(
                 m.escape(f"{n}. {icons.get(r.status, '')} “{replies.short(r.prompt, 60)}” · seed ") + m.code(str(r.seed))
-                + m.escape(f" · {r.steps} steps · {r.width}×{r.height} · {replies.relative_time(r.created_at, now)}")
+                + m.escape(f" · {replies.steps(r.steps)} · {r.width}×{r.height} · {replies.relative_time(r.created_at, now)}")
                 + m.escape(f" · again: /again {r.id}")
             )
         buttons = [Button(f"🔁 {n}", "again", r.id) for n, r in enumerate(records[:5], start=1)]

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from bot.commands import SEED_MAX, DrawRules, UsageError, validate_draw
 from bot.config import Config
+from bot.replies import steps as steps_text
 from engine.jobs import EngineError, GenerationRequest, JobEvent
 from engine.png import SAVE_FORMATS, convert
 
@@ -124,7 +125,7 @@ async def _draw(settings, request: GenerationRequest, output) -> int:
     except OSError as exc:  # checked before drawing; a disk that filled up meanwhile still gets one line
         print(f"drawbot: cannot save {output}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"saved {output} (seed {request.seed}, {request.steps} steps, {request.width}x{request.height}, "
+    print(f"saved {output} (seed {request.seed}, {steps_text(request.steps)}, {request.width}x{request.height}, "
           f"{result.seconds:.1f} s, {result.seconds_per_step:.2f} s/step)")
     if result.notice:
         print(f"note: {result.notice}")

@@ -26,6 +26,21 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def steps(n: int) -> str:
+    """"1 step", "4 steps"."""
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+QUEUED_TOAST = "Queued!"
+"""A button's short answer when its picture was queued (the queue message itself follows in the chat)."""
+
+
+def no_such_history_entry(n: int, count: int) -> str:
+    if not count:
+        return "You have no pictures yet, so there is nothing to draw again."
+    return f"Your /history shows pictures 1 to {count}; /again {n} is not one of them."
+
+
 def help_text(m: Markup, *, min_steps: int, max_steps: int, default_steps: int, is_test_model: bool,
               typed_options: bool = False) -> str:
     """`typed_options`: the platform has slash commands with typed options (Discord), not text flags."""
@@ -77,7 +92,7 @@ def caption(m: Markup, *, prompt: str, seed: int, steps: int, width: int, height
     text = (
         m.escape(short(prompt, 700)) + "\n"
         + m.escape("seed ") + m.code(str(seed))
-        + m.escape(f" · {steps} steps · {width}×{height} · {seconds:.1f} s")
+        + m.escape(f" · {steps_(steps)} · {width}×{height} · {seconds:.1f} s")
     )
     if notice:
         text += "\n" + m.escape(notice)
@@ -103,5 +118,7 @@ def restarting(m: Markup) -> str:
 def relative_time(then: float, now: float | None = None) -> str:
     now = time.time() if now is None else now
     return duration(now - then) + " ago"
+
+steps_ = steps  # for functions whose parameter is called `steps`
 
 TEST_MODEL_NOTICE = "drawn by the built-in tiny test model: its pictures are random noise."
