@@ -115,6 +115,11 @@ def restarting(m: Markup) -> str:
     return m.escape("The bot is restarting. Your picture is kept and will be drawn when it is back.")
 
 
+def console_stopping(m: Markup) -> str:
+    return m.escape("Stopping: the picture being drawn is finished first. Press Ctrl-C again to stop at once "
+                    "(it stays queued and is drawn at the next start).")
+
+
 def relative_time(then: float, now: float | None = None) -> str:
     now = time.time() if now is None else now
     return duration(now - then) + " ago"

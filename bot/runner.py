@@ -20,13 +20,14 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from bot.chat import TokenRefused
+from bot import replies
+from bot.chat import PlainMarkup, TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
 from bot.draw_command import TINY_FALLBACK
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
-from bot.store import Store, StoreError
+from bot.store import Store, StoreError, remove_all_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,11 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     from engine import weights
 
     telegram_token, discord_token, console_on = choose_platforms(config)
+    if console_on and not (telegram_token or discord_token) and config.logging.level == "INFO" and \
+            _is_terminal(stdin if stdin is not None else sys.stdin):
+        # A person is chatting in this terminal: INFO lines (start-up ones included) would interleave with the
+        # conversation. Set before loading, so none come first.
+        logging.getLogger().setLevel(logging.WARNING)
     settings = config.engine.model_copy(update={"model": model_override}) if model_override else config.engine
     if settings.model == "majicflus" and not model_override:
         problems = weights.check(weights.real_model_files(settings.models_dir), fix="drawbot download")
@@ -179,6 +185,9 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     except StoreError as exc:
         say(str(exc))
         return 2
+    swept = remove_all_temporaries(storage.images_dir)  # we own the state dir: nobody else is mid-write
+    if swept:
+        log.info("removed %d half-written picture(s) left by an earlier stop", swept)
     engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
     say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
     try:
@@ -206,9 +215,6 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
         source = stdin if stdin is not None else sys.stdin
         console_input = InterruptibleLines(source)
         platforms.append(ConsolePlatform(core, user=config.console.user, stdin=console_input, stdout=stdout))
-        if source.isatty() and not (telegram_token or discord_token) and config.logging.level == "INFO":
-            # A person is chatting in this terminal: INFO lines would interleave with the conversation.
-            logging.getLogger().setLevel(logging.WARNING)
     if telegram_token:
         from bot.adapters.telegram import TelegramPlatform
 
@@ -223,8 +229,16 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    console = next((p for p in platforms if p.name == "console"), None)
+
     def on_stop_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # pressed again while the picture is being finished: stop it now, it stays queued
+            log.info("%s received again: stopping the running picture now", sig.name)
+            engine.stop_now()
+            return
         log.info("%s received: stopping", sig.name)
+        if console is not None and sig is signal.SIGINT:
+            console.say(replies.console_stopping(PlainMarkup()))
         stop.set()
 
     def reload() -> None:
@@ -245,6 +259,13 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 async def _housekeeping(core: ChatCore) -> None:

@@ -899,6 +899,19 @@ def _remove_files(paths: list[Path]) -> None:
             log.warning("could not delete old picture %s: %s", path, exc)
 
 
+def remove_all_temporaries(images_dir: Path) -> int:
+    """Every half-written picture, whatever its age: only for a process that owns the state dir (bot.statelock),
+    so no other writer can be mid-write. Returns how many were removed."""
+    removed = 0
+    for path in Path(images_dir).glob(".*.tmp"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _remove_stale_temporaries(images_dir: Path) -> None:
     """Half-written pictures left by a crash; by file age on the real clock, as the file system keeps it."""
     cutoff = time.time() - STALE_TEMP_SECONDS

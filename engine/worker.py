@@ -156,6 +156,13 @@ class Engine:
                 self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def stop_now(self) -> None:
+        """Stop the running job at its next step boundary (a second Ctrl-C during a graceful stop); the caller
+        decides what becomes of it (the bot leaves it queued for the next start)."""
+        running = self._running
+        if running is not None:
+            running._stop.set()
+
     @property
     def info(self) -> EngineInfo:
         pipe = self._pipeline

@@ -84,6 +84,9 @@ def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait(10)
 
+    # A picture half-written when the process died (a fresh one: not yet an hour old) is swept at the next start.
+    leftover = state / "images" / f".{job_rows(db)[0]['id']}.0badc0de.tmp"
+    leftover.write_bytes(b"\x89PNG half")
     # The kernel dropped the dead bot's lock: the next start is not blocked, and picks both jobs up.
     second = drawbot("run", "--config", str(config), cwd=tmp_path, timeout=180)
     assert second.returncode == 0, second.stderr
@@ -91,6 +94,7 @@ def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
     rows = job_rows(db)
     assert [r["status"] for r in rows] == ["done", "done"] and all(r["delivered_at"] for r in rows)
     assert second.stdout.count("picture saved") == 2
+    assert not list((state / "images").glob(".*.tmp"))
 
 
 # -- set-up problems: exit 2, one line, the files left as they were -------------------------------------------------
@@ -210,3 +214,43 @@ async def test_a_telegram_token_the_platform_refuses_exits_2_in_one_line(tmp_pat
     assert proc.returncode == 2, stderr
     assert_one_clean_line(stderr, "Telegram refused the bot token", "DRAWBOT_TELEGRAM_TOKEN")
     assert wrong not in stderr and "not-the-token" not in stderr
+
+
+def test_ctrl_c_in_the_console_says_what_happens_and_a_second_one_stops_at_once(setup):
+    config, state, start = setup
+    db = state / "drawbot.sqlite3"
+    bot = start("console")
+    bot.wait_ready()
+    bot.send("/draw a very slow heron 5 200")
+    wait_until(lambda: statuses(db) == ["running"], 60, "the job to start drawing", bot)
+    bot.proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "Press Ctrl-C again to stop at once" in bot.out(), 10, "the Ctrl-C notice", bot)
+    assert bot.proc.poll() is None  # still finishing the picture
+    bot.proc.send_signal(signal.SIGINT)
+    assert bot.proc.wait(30) == 0, bot.err()  # far less than the 200 steps would take
+    assert "Traceback" not in bot.err()
+    [row] = job_rows(db)
+    assert row["status"] == "queued" and row["attempts"] == 0  # kept for the next start, no crash retry used
+
+
+def test_a_person_at_a_terminal_sees_no_log_lines_between_their_messages(setup, tmp_path):
+    """Start-up INFO lines used to come before the runner quietened them; a terminal now gets none at all."""
+    import pty
+
+    config, state, _ = setup
+    controller, terminal = pty.openpty()
+    err_path = tmp_path / "tty.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "run", "--config", str(config)], stdin=terminal,
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, env=child_env())
+    os.close(terminal)
+    try:
+        wait_until(lambda: "drawbot: ready" in err_path.read_text(), 90, "the bot to start")
+        os.write(controller, b"\x04")  # Ctrl-D: end of input
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    logged = [line for line in err_path.read_text().splitlines() if re.search(r" (INFO|DEBUG) ", line)]
+    assert not logged, logged

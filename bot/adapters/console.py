@@ -60,6 +60,10 @@ class ConsolePlatform:
         self._stdin = stdin or sys.stdin
         self._conv = ConsoleConversation(stdout or sys.stdout)
 
+    def say(self, text: str) -> None:
+        """A line from the bot itself (not an answer to a command), e.g. what Ctrl-C does."""
+        self._conv._print(text)
+
     def conversation(self, ref: dict) -> ConsoleConversation:
         return self._conv
 
