@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bot import replies
+from bot.adapters.web.access import WebAccess
 from bot.chat import PlainMarkup, TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
@@ -51,6 +52,24 @@ def choose_platforms(config: Config) -> tuple[str | None, str | None, bool]:
         raise ConfigError("[discord].enabled = true but no token: set DRAWBOT_DISCORD_TOKEN or [discord].token_file")
     console = config.console.enabled if config.console.enabled is not None else not (telegram or discord)
     return telegram, discord, console
+
+
+def choose_web(config: Config, console_on: bool, stdin: TextIO) -> tuple[WebAccess | None, bool]:
+    """(who may reach the page, or None when it is off; whether it only accompanies the console).
+
+    Unset `[web].enabled` = on alongside an interactive console (`make run` in a terminal), ending with it. Raises
+    ConfigError for a non-loopback address without a password, before anything loads."""
+    enabled = config.web.enabled
+    if enabled is None:
+        try:
+            interactive = console_on and stdin.isatty()
+        except (AttributeError, OSError, ValueError):
+            interactive = False
+        if not interactive:
+            return None, False
+    elif not enabled:
+        return None, False
+    return WebAccess.from_settings(config.web), enabled is None
 
 
 def token_counter(tokenizer_dir: Path):
@@ -131,7 +150,8 @@ async def run(config: Config, *, model_override: str | None = None, config_path:
     Returns the exit code: 0 after a clean stop, 1 when the bot cannot start or a platform crashed, 2 on bad config.
     """
     try:
-        choose_platforms(config)
+        _, _, console_on = choose_platforms(config)
+        choose_web(config, console_on, stdin if stdin is not None else sys.stdin)  # a bad [web] exits 2 here
     except ConfigError as exc:
         say(f"config error: {exc}")
         return 2
@@ -161,6 +181,7 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
         # A person is chatting in this terminal: INFO lines (start-up ones included) would interleave with the
         # conversation. Set before loading, so none come first.
         logging.getLogger().setLevel(logging.WARNING)
+    web_access, web_companion = choose_web(config, console_on, stdin if stdin is not None else sys.stdin)
     settings = config.engine.model_copy(update={"model": model_override}) if model_override else config.engine
     if settings.model == "majicflus" and not model_override:
         problems = weights.check(weights.real_model_files(settings.models_dir), fix="drawbot download")
@@ -223,6 +244,10 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
         from bot.adapters.discord import DiscordPlatform
 
         platforms.append(DiscordPlatform(core, config.discord, discord_token))
+    if web_access is not None:
+        from bot.adapters.web.server import WebPlatform
+
+        platforms.append(WebPlatform(core, web_access, config.storage.state_dir, companion=web_companion, say=say))
     for platform in platforms:
         core.add_platform(platform)
 
@@ -302,8 +327,10 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
         housekeeper = asyncio.create_task(_housekeeping(core), name="housekeeping")
         tasks = [asyncio.create_task(p.run(), name=f"platform-{p.name}") for p in platforms]
         pending = set(tasks)
+        # A companion platform (the web page next to `make run`'s console) does not keep the bot alive alone.
+        primary = {t for t, p in zip(tasks, platforms) if getattr(p, "outlives_others", True)} or set(tasks)
         # Run until a signal, or until every platform has ended (the console at end of input), or one crashes.
-        while pending and not stop.is_set():
+        while pending & primary and not stop.is_set():
             done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
             pending.discard(stopper)
             for task in done - {stopper}:
