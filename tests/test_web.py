@@ -283,7 +283,7 @@ def test_the_dashboard_needs_the_admin_password_and_shows_every_platforms_queue(
         # Admins see everyone's pictures.
         assert context.request.get(f"{bot.url}picture/{job_id}.png").status == 200
         user = re.search(r"web:b-[0-9a-f]+", admin.locator("#users").inner_text()).group(0)
-        admin.locator("#ban-target input").fill(user)
+        admin.locator("#ban-target textarea, #ban-target input").first.fill(user)
         admin.locator("#ban").click()
         wait_until(lambda: "is banned" in admin.locator("#outcome textarea").input_value(), 20, "the ban")
         admin.locator("#unban").click()
