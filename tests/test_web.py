@@ -245,6 +245,18 @@ def test_bad_input_gets_the_chats_own_message(drawn, prompt, seed):
     assert text == str(expected.value)
 
 
+def test_same_seed_draws_the_picture_again_and_cancel_stops_a_new_seed(drawn):
+    _, page, job_id, _ = drawn
+    page.locator("#again").click()
+    wait_until(lambda: page.locator("#picture figure").get_attribute("data-job") not in (None, job_id)
+               and picture_loaded(page), 120, "the same-seed picture")
+    assert page.locator("#picture figure").get_attribute("data-seed") == "7"
+    page.locator("#reroll").click()
+    wait_until(lambda: status(page).startswith(("Got it", "Starting", "Drawing")), 30, "the new-seed job")
+    page.locator("#cancel").click()
+    wait_until(lambda: status(page) == "Cancelled.", 60, "the cancel")
+
+
 def test_the_gradio_client_draws_with_the_same_rules(bot, drawn):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

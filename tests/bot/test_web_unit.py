@@ -72,3 +72,19 @@ def test_the_page_is_on_next_to_an_interactive_console_and_when_asked():
                                               (2**40, 2**40)])
 def test_the_seed_field_reaches_the_core_as_typed(typed, core_gets):
     assert seed_value(typed) == core_gets
+
+
+async def test_a_busy_port_costs_one_line_and_the_bot_runs_on(tmp_path):
+    import socket
+
+    from bot.adapters.web.server import WebPlatform
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        said: list[str] = []
+        platform = WebPlatform(None, WebAccess("127.0.0.1", port), tmp_path, companion=True,  # type: ignore[arg-type]
+                               say=said.append)
+        await platform.run()  # returns instead of raising: the runner keeps the other platforms going
+    assert len(said) == 1 and f"cannot listen on 127.0.0.1:{port}" in said[0] and "\n" not in said[0]

@@ -247,15 +247,15 @@ class WebPlatform:
                             on_admin=lambda v: self.core.grant_admin(f"web:{v.user_id}"))
 
     async def run(self) -> None:
-        await asyncio.to_thread(importlib.import_module, "gradio")  # seconds of imports, off the event loop
-        import uvicorn
-
         try:
             sock = _listen(self.access.host, self.access.port)
         except OSError as exc:
             self._say(f"web page: cannot listen on {self.access.host}:{self.access.port} ({exc.strerror or exc}); "
                       "the bot runs without it (set [web].port to another port)")
             return
+        await asyncio.to_thread(importlib.import_module, "gradio")  # seconds of imports, off the event loop
+        import uvicorn
+
         self.port = sock.getsockname()[1]
         app = await asyncio.to_thread(self.build_app)
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
