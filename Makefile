@@ -23,6 +23,7 @@ run: $(STAMP)
 	$(VENV)/bin/drawbot run $(if $(CONFIG),--config $(CONFIG),)
 
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 clean:

@@ -83,12 +83,20 @@ class PlainMarkup:
 
 
 class Conversation(Protocol):
-    platform: str
-    markup: Markup
-    progress_interval: float
-    """Seconds between progress edits (platform flood limits)."""
-    typed_options: bool
-    """True where /draw has typed options (Discord slash commands) rather than text flags; read with a False default."""
+    # Read-only members: an adapter may provide each as a class attribute, an instance attribute or a property.
+    @property
+    def platform(self) -> str: ...
+
+    @property
+    def markup(self) -> Markup: ...
+
+    @property
+    def progress_interval(self) -> float:
+        """Seconds between progress edits (platform flood limits)."""
+
+    @property
+    def typed_options(self) -> bool:
+        """True where /draw has typed options (Discord slash commands) rather than text flags."""
 
     def ref(self) -> dict: ...
 
@@ -104,7 +112,17 @@ class Conversation(Protocol):
 
 
 class Platform(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def conversation(self, ref: dict) -> Conversation:
         """Rebuild a conversation from `Conversation.ref()` (after a restart)."""
+
+
+class ServedPlatform(Platform, Protocol):
+    """A platform as the runner drives it: `run()` until the platform ends or is cancelled, then `stop()`."""
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Disconnect; called once at shutdown, after the engine stopped and the last pictures were delivered."""

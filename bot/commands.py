@@ -244,6 +244,13 @@ _GAP_AND_WORD = re.compile(r"(\s*)(\S*)")
 _GAP = re.compile(r"\s*")
 
 
+def _match(pattern: re.Pattern[str], text: str, pos: int) -> re.Match[str]:
+    """`pattern.match` for the patterns above, which match anywhere (possibly empty)."""
+    match = pattern.match(text, pos)
+    assert match is not None
+    return match
+
+
 def _tokenize(text: str) -> list[_Word]:
     """Whitespace-separated words, with a double-quoted stretch as one word (see the module docstring)."""
     # A quote can close a quoted stretch only when followed by whitespace or the end; find them all once so that
@@ -252,7 +259,7 @@ def _tokenize(text: str) -> list[_Word]:
     words: list[_Word] = []
     pos = 0
     while pos < len(text):
-        gap_end = _GAP.match(text, pos).end()
+        gap_end = _match(_GAP, text, pos).end()
         if gap_end == len(text):
             break
         gap = text[pos:gap_end]
@@ -263,7 +270,7 @@ def _tokenize(text: str) -> list[_Word]:
                 words.append(_Word(text[gap_end:end], gap, quoted=True))
                 pos = end
                 continue
-        match = _GAP_AND_WORD.match(text, pos)
+        match = _match(_GAP_AND_WORD, text, pos)
         words.append(_Word(match.group(2), gap))
         pos = match.end()
     return words

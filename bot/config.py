@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from engine.settings import EngineSettings
 
@@ -199,7 +200,7 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"{path}: " + "; ".join(_describe(err) for err in exc.errors())) from None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     loc = [str(part) for part in err["loc"]]
     key = (f"[{loc[0]}]." + ".".join(loc[1:])) if len(loc) > 1 else loc[0] if loc else "(top level)"
     if err["type"] == "extra_forbidden":

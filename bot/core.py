@@ -25,8 +25,17 @@ from bot.chat import Button, Conversation, Picture, Platform, User, parse_button
 from bot.commands import SEED_MAX, DrawCommand, DrawRules, UsageError, parse_draw, split_command, validate_draw
 from bot.config import Config
 from bot.metrics import Metrics
-from bot.store import Admission, JobRecord, NewJob, Store
-from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+from bot.store import JobRecord, NewJob, Refused, Store
+from engine.jobs import (
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobHandle,
+    JobState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,8 @@ HISTORY_SHOWN = 10
 
 
 class EngineLike(Protocol):
-    def submit(self, request: GenerationRequest, listener=None, *, job_id: str | None = None): ...
+    def submit(self, request: GenerationRequest, listener: Callable[[JobEvent], None] | None = None, *,
+               job_id: str | None = None) -> JobHandle: ...
 
     @property
     def queue_length(self) -> int: ...
@@ -46,7 +56,7 @@ class _Live:
     """A job this process is following: its engine handle and where to talk about it."""
 
     record_id: str
-    engine_job: object
+    engine_job: JobHandle
     conv: Conversation
     user_id: str
     ack_id: str | None
@@ -264,7 +274,7 @@ class ChatCore:
             await conv.send_text(m.escape(refusal))
             return None
         seed = self._random_seed() if command.seed is None else command.seed
-        admission: Admission = await self.store.admit(
+        admission = await self.store.admit(
             NewJob(platform=user.platform, user_id=user.id, chat_id=user.chat_id, prompt=command.prompt, seed=seed,
                    steps=command.steps, width=command.width, height=command.height,
                    reply_ref={"conv": conv.ref(), "as_file": command.as_file, "user_name": user.name}),
@@ -272,7 +282,7 @@ class ChatCore:
             is_admin=self._is_admin(user),
             is_banned=await self.is_banned(user.platform, user.id),
         )
-        if not admission.accepted:
+        if isinstance(admission, Refused):
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)
             self.metrics.refused(admission.reason)
             if admission.notify:
@@ -385,6 +395,7 @@ class ChatCore:
                      conv.platform, live.user_id, result.seconds, result.seconds_per_step,
                      "-" if result.peak_vram_bytes is None else f"{result.peak_vram_bytes / 2**30:.2f}GiB")
             record = await self.store.get_job(live.record_id)
+            assert record is not None  # just marked done; jobs are never deleted
             await self.deliver(record, conv, png=result.png, seconds=result.seconds, notice=result.notice,
                                path=str(path))
             await edit(m.escape("Done."), force=True)
@@ -456,7 +467,7 @@ class ChatCore:
         e = self.config.engine
         await conv.send_text(replies.help_text(conv.markup, min_steps=e.min_steps, max_steps=e.max_steps,
                                                default_steps=e.default_steps, is_test_model=self.is_test_model,
-                                               typed_options=getattr(conv, "typed_options", False)))
+                                               typed_options=conv.typed_options))
 
     async def history(self, user: User, conv: Conversation, limit: int = HISTORY_SHOWN) -> None:
         m = conv.markup
@@ -588,7 +599,7 @@ class ChatCore:
         self._accepting = False
         self._stopping = True
         for live in list(self._live.values()):
-            if getattr(live.engine_job, "state", None) is not None and live.engine_job.state.value == "queued":
+            if live.engine_job.state is JobState.QUEUED:
                 await self._safe_send(live.conv, replies.restarting(live.conv.markup))
 
     async def _safe_send(self, conv: Conversation, text: str) -> str | None:

@@ -10,6 +10,7 @@ Tokens are never printed: a token check says only where the token comes from ("s
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -106,13 +107,14 @@ def probe() -> Facts:
     import psutil
 
     memory, swap = psutil.virtual_memory(), psutil.swap_memory()
-    common = dict(python=tuple(sys.version_info[:3]), ram_total=memory.total, ram_available=memory.available,
-                  swap_total=swap.total)
+    python = (sys.version_info.major, sys.version_info.minor, sys.version_info.micro)
+    machine = functools.partial(Facts, python=python, ram_total=memory.total, ram_available=memory.available,
+                                swap_total=swap.total)
     try:
         import torch
     except Exception as exc:  # a broken install must still get a table, not a traceback
-        return Facts(torch_version=None, torch_cuda=None, cuda_available=False, gpus=(),
-                     torch_error=f"{type(exc).__name__}: {exc}", **common)
+        return machine(torch_version=None, torch_cuda=None, cuda_available=False, gpus=(),
+                       torch_error=f"{type(exc).__name__}: {exc}")
     cuda_error = None
     gpus: list[Gpu] = []
     with warnings.catch_warnings(record=True) as caught:
@@ -132,8 +134,8 @@ def probe() -> Facts:
             available, cuda_error = False, f"{type(exc).__name__}: {exc}"
     if cuda_error is None and not available:  # torch explains itself in a warning, e.g. "... driver too old"
         cuda_error = next((str(w.message) for w in reversed(caught) if "cuda" in str(w.message).lower()), None)
-    return Facts(torch_version=str(torch.__version__), torch_cuda=torch.version.cuda, cuda_available=available,
-                 gpus=tuple(gpus), cuda_error=cuda_error, **common)
+    return machine(torch_version=str(torch.__version__), torch_cuda=torch.version.cuda, cuda_available=available,
+                   gpus=tuple(gpus), cuda_error=cuda_error)
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------

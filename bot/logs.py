@@ -17,9 +17,9 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from typing import TextIO
+from typing import Literal, TextIO
 
-from bot.config import Config, ConfigError, read_token
+from bot.config import Config, ConfigError, DiscordSettings, TelegramSettings, read_token
 
 REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 6
@@ -146,7 +146,9 @@ def writes_to_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
 def configured_tokens(config: Config) -> list[str]:
     """Every bot token the config points at (env or token_file), enabled or not: all of them get scrubbed."""
     tokens = []
-    for platform, settings in (("telegram", config.telegram), ("discord", config.discord)):
+    platforms: tuple[tuple[Literal["telegram", "discord"], TelegramSettings | DiscordSettings], ...] = (
+        ("telegram", config.telegram), ("discord", config.discord))
+    for platform, settings in platforms:
         try:
             token = read_token(platform, settings.token_file)
         except ConfigError:  # an unreadable token file is reported by `drawbot run` / `drawbot doctor`

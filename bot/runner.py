@@ -18,17 +18,20 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from bot import replies
 from bot.adapters.web.access import WebAccess
-from bot.chat import PlainMarkup, TokenRefused
+from bot.chat import PlainMarkup, ServedPlatform, TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
 from bot.draw_command import TINY_FALLBACK
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
 from bot.store import Store, StoreError, remove_all_temporaries
+
+if TYPE_CHECKING:
+    from bot.adapters.console import ConsolePlatform
 
 log = logging.getLogger(__name__)
 
@@ -228,14 +231,16 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     core = ChatCore(config, store, engine, is_test_model=engine.info.is_test_model,
                     count_tokens=token_counter(files.tokenizer_2), metrics=metrics)
 
-    platforms = []
+    platforms: list[ServedPlatform] = []
     console_input: InterruptibleLines | None = None
+    console: ConsolePlatform | None = None
     if console_on:
         from bot.adapters.console import ConsolePlatform
 
         source = stdin if stdin is not None else sys.stdin
         console_input = InterruptibleLines(source)
-        platforms.append(ConsolePlatform(core, user=config.console.user, stdin=console_input, stdout=stdout))
+        console = ConsolePlatform(core, user=config.console.user, stdin=console_input, stdout=stdout)
+        platforms.append(console)
     if telegram_token:
         from bot.adapters.telegram import TelegramPlatform
 
@@ -254,7 +259,6 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    console = next((p for p in platforms if p.name == "console"), None)
 
     def on_stop_signal(sig: signal.Signals) -> None:
         if stop.is_set():  # pressed again while the picture is being finished: stop it now, it stays queued
@@ -303,7 +307,7 @@ async def _housekeeping(core: ChatCore) -> None:
         await asyncio.sleep(HOUSEKEEPING_INTERVAL)
 
 
-async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms: list, stop: asyncio.Event, *,
+async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms: list[ServedPlatform], stop: asyncio.Event, *,
                  stop_timeout: float, metrics: Metrics, console_input: InterruptibleLines | None) -> int:
     """From recovery to a stopped, fully persisted bot."""
     metrics_server: MetricsServer | None = None
@@ -360,12 +364,10 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
     except asyncio.TimeoutError:
         log.warning("some pictures were not delivered before the stop; they are sent at the next start")
     for platform in platforms:
-        stop_platform = getattr(platform, "stop", None)
-        if stop_platform is not None:
-            try:
-                await stop_platform()
-            except Exception:
-                log.exception("stopping %s failed", platform.name)
+        try:
+            await platform.stop()
+        except Exception:
+            log.exception("stopping %s failed", platform.name)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

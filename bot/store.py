@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import aiosqlite
 
@@ -45,6 +45,7 @@ from bot.limits import (
     jobs_in_window,
     window_retry_at,
 )
+from engine.jobs import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ class JobRecord:
     steps: int
     width: int
     height: int
-    status: str
-    """queued, running, done, failed or cancelled (the values of `engine.jobs.JobState`)."""
+    status: JobStatus
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -192,11 +192,20 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """The answer to a submission: an accepted job id, or which limit refused it and until when."""
+class Accepted:
+    """A submission the store took: the job is queued under `job_id`."""
 
-    job_id: str | None
-    reason: Refusal | None = None
+    job_id: str
+    jobs_ahead: int = 0
+    """Jobs queued or running before this one when it was accepted."""
+    accepted: ClassVar[Literal[True]] = True
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A submission a limit turned down: which one, and until when."""
+
+    reason: Refusal
     message: str = ""
     """For the user: which limit applied and when they may try again."""
     retry_at: float | None = None
@@ -205,12 +214,11 @@ class Admission:
     """True for queue_full/too_many_active: the time depends on how fast pictures finish ("in about ...")."""
     notify: bool = True
     """False when the user must not be told again (a banned user hears the refusal once)."""
-    jobs_ahead: int = 0
-    """Jobs queued or running before this one when it was accepted."""
+    accepted: ClassVar[Literal[False]] = False
 
-    @property
-    def accepted(self) -> bool:
-        return self.job_id is not None
+
+Admission = Accepted | Refused
+"""The answer to a submission."""
 
 
 @dataclass(frozen=True)
@@ -444,8 +452,8 @@ class Store:
                         (job.platform, job.user_id, now),
                     )
                     notify = inserted == 1
-                return Admission(None, decision.reason, decision.message, decision.retry_at,
-                                 decision.retry_is_estimate, notify)
+                return Refused(decision.reason, decision.message, decision.retry_at, decision.retry_is_estimate,
+                               notify)
             job_id = uuid.uuid4().hex
             await self._db.execute(
                 "INSERT INTO jobs (id, platform, user_id, chat_id, prompt, seed, steps, width, height, status, "
@@ -453,7 +461,7 @@ class Store:
                 (job_id, job.platform, job.user_id, job.chat_id, job.prompt, job.seed, job.steps, job.width,
                  job.height, now, reply_ref),
             )
-            return Admission(job_id, jobs_ahead=snapshot.queue_total)
+            return Accepted(job_id, jobs_ahead=snapshot.queue_total)
 
     async def _snapshot(self, platform: str, user_id: str, now: float) -> Snapshot:
         # A little slack below the day boundary; jobs_in_window() does the exact edge in Python.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -36,21 +37,45 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+"""The values of `JobState`, as the store keeps them."""
+
+EventKind = Literal["queued", "started", "progress", "done", "failed", "cancelled"]
+"""queued (position changed; 1 = next), started, progress (step/total/eta), then one of done, failed, cancelled."""
+
+
 @dataclass(frozen=True)
 class JobEvent:
-    """Sent to a job's listener on the event loop thread.
-
-    kind: "queued" (position changed; 1 = next), "started", "progress" (step/total/eta), "done", "failed", "cancelled".
-    """
+    """Sent to a job's listener on the event loop thread."""
 
     job_id: str
-    kind: str
+    kind: EventKind
     position: int = 0
     step: int = 0
     total: int = 0
     elapsed: float = 0.0
     eta: float | None = None
     error: str | None = None
+
+
+class JobHandle(Protocol):
+    """What submitting a request returns (engine.worker.Job, or a job run by another placement of the engine)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> JobState: ...
+
+    @property
+    def position(self) -> int:
+        """0 while running or finished; 1 = next in line."""
+
+    def cancel(self) -> bool:
+        """Cancel the job; True if it was still queued or running."""
+
+    async def wait(self) -> GenerationResult:
+        """The result; raises JobFailed or JobCancelled."""
 
 
 class EngineError(Exception):

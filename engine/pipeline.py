@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from engine.png import a1111_parameters, encode_png
 from engine.settings import EngineSettings
 from engine.size_cost import SizeCost, cpu_size_cost, gpu_size_cost
 from engine.worker import StepCallback
+
+if TYPE_CHECKING:  # imported only in `stream` mode: it loads the Triton kernels
+    from engine.streaming import PipelineStreaming
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class FluxPipeline:
         self.device = device
         self.is_test_model = is_test_model
         self.plan = plan
-        self.streaming = None  # engine.streaming.PipelineStreaming in `stream` mode
+        self.streaming: PipelineStreaming | None = None  # in `stream` mode
         self.size_cost: SizeCost | None = None
         """What a picture size costs on this device and the budget for it (engine.size_cost); None = no limit known."""
         self._version = _drawbot_version()
@@ -108,7 +112,7 @@ class FluxPipeline:
         plan = plan_memory(settings, device)
         started = time.monotonic()
         chatter = io.StringIO()  # DiffSynth prints a banner per model; keep the console and journal clean
-        loading = contextlib.nullcontext()
+        loading: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if settings.mode == "stream":  # host RAM is what stream mode is short of: map little of each file at a time
             from engine.streaming import frugal_loading
 

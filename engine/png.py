@@ -80,7 +80,7 @@ def fit_for_upload(png: bytes, max_bytes: int) -> tuple[bytes, str]:
         if buffer.tell() <= max_bytes:
             return buffer.getvalue(), "image/jpeg"
     while True:  # still too big: halve the size until it fits
-        rgb = rgb.resize((max(1, rgb.width // 2), max(1, rgb.height // 2)), Image.LANCZOS)
+        rgb = rgb.resize((max(1, rgb.width // 2), max(1, rgb.height // 2)), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         rgb.save(buffer, format="JPEG", quality=85)
         if buffer.tell() <= max_bytes or rgb.width == 1:

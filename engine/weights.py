@@ -166,7 +166,9 @@ def download(models_dir: Path, *, snapshot_download: SnapshotDownload | None = N
     """Fetch exactly the files drawbot needs with ModelScope (resumable: finished files are skipped, partial ones
     continue), then verify their hashes. Raises WeightsError if anything is still wrong."""
     if snapshot_download is None:
-        from modelscope import snapshot_download  # the real call a user runs; tests pass a replacement
+        from modelscope import snapshot_download as modelscope_download  # what a user runs; tests pass their own
+
+        snapshot_download = modelscope_download
     models_dir = Path(models_dir).resolve()
     for repo_id, patterns in DOWNLOADS.items():
         target = models_dir / repo_id

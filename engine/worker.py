@@ -107,6 +107,7 @@ class Job:
         self.state = state
         self.error = error
         if state is JobState.DONE:
+            assert result is not None
             self._future.set_result(result)
             self._emit(JobEvent(self.id, "done"))
         elif state is JobState.CANCELLED:

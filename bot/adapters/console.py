@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sys
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from bot.chat import Button, PlainMarkup, Picture, User
 from bot.core import ChatCore
@@ -20,6 +20,7 @@ class ConsoleConversation:
     platform = "console"
     markup = PlainMarkup()
     progress_interval = 1.0
+    typed_options = False
 
     def __init__(self, out: TextIO):
         self._out = out
@@ -50,10 +51,18 @@ class ConsoleConversation:
         return None
 
 
+class LineSource(Protocol):
+    """Where console lines come from: a text stream, or the runner's interruptible reader."""
+
+    def readline(self) -> str: ...
+
+    def isatty(self) -> bool: ...
+
+
 class ConsolePlatform:
     name = "console"
 
-    def __init__(self, core: ChatCore, *, user: str = "you", stdin: TextIO | None = None,
+    def __init__(self, core: ChatCore, *, user: str = "you", stdin: LineSource | None = None,
                  stdout: TextIO | None = None):
         self.core = core
         self.user = User(platform="console", id=user, name=user, chat_id="console", chat_kind="private")
@@ -66,6 +75,9 @@ class ConsolePlatform:
 
     def conversation(self, ref: dict) -> ConsoleConversation:
         return self._conv
+
+    async def stop(self) -> None:
+        return None  # nothing to disconnect
 
     async def run(self) -> None:
         """Answer each input line until end of input, then wait for pictures still being drawn."""

@@ -195,6 +195,7 @@ class TelegramConversation:
 
     platform = "telegram"
     markup = TelegramHTML()
+    typed_options = False  # /draw takes text flags (--seed 42)
 
     def __init__(self, owner: TelegramPlatform, chat_id: int, chat_kind: str, *, thread_id: int | None = None,
                  reply_to: int | None = None):
@@ -491,7 +492,7 @@ class TelegramPlatform:
             # A refusal (nothing was sent in the chat) is an alert the presser must dismiss; news is a toast.
             refusal = answer is not None and (conv is None or conv.sent == 0)
             try:
-                await context.bot.answer_callback_query(
+                await (await self.bot()).answer_callback_query(
                     query.id, text=(answer or "")[:MAX_CALLBACK_ANSWER_CHARS] or None, show_alert=refusal,
                     rate_limit_args=self.send_retries)
             except TelegramError as exc:

@@ -11,6 +11,7 @@ from bot.chat import Button, PlainMarkup, Picture
 class RecordingConversation:
     platform = "console"
     markup = PlainMarkup()
+    typed_options = False
 
     def __init__(self, chat: str = "c1", *, progress_interval: float = 0.0, fail_pictures: int = 0):
         self.chat = chat

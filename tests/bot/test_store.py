@@ -18,6 +18,7 @@ from bot.limits import DAY, HOUR, Refusal
 from bot.store import (
     RESTART_FAILURE_MESSAGE,
     SCHEMA_VERSION,
+    Accepted,
     InvalidJob,
     JobStateError,
     NewJob,
@@ -234,7 +235,7 @@ async def test_busy_database_is_waited_for_not_failed(store, db_path):
 
 async def test_accepted_job_is_stored_as_queued(store, clock):
     admission = await admit(store, job(reply_ref={"message_id": 7, "thread": None}))
-    assert admission.accepted and admission.reason is None and admission.jobs_ahead == 0
+    assert isinstance(admission, Accepted) and admission.jobs_ahead == 0
     assert len(admission.job_id) == 32 and int(admission.job_id, 16) >= 0
     record = await store.get_job(admission.job_id)
     assert (record.platform, record.user_id, record.chat_id, record.prompt) == \

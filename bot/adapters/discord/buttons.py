@@ -44,8 +44,10 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button],
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button,
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
                              match: re.Match[str]) -> JobButton:
+        if not isinstance(item, discord.ui.Button):  # our custom ids are only ever on buttons
+            return cls(match["action"], match["job_id"])
         return cls(match["action"], match["job_id"], label=item.label or "", style=item.style)
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
