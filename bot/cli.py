@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("-o", "--output", type=Path, default=Path("drawbot.png"))
     draw.add_argument("--model", choices=["majicflus", "tiny"], help="override engine.model")
 
+    worker = add("worker", help="draw the jobs of a bot with [cluster] on this machine's GPU (through Redis)")
+    worker.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: engine.device); one worker per GPU")
+    worker.add_argument("--name", default=None, help="this worker's name in logs and `drawbot doctor` "
+                                                     "(default: host-device-pid)")
+
     add("download", help="download MajicFLUX + FLUX.1-dev encoders/VAE from ModelScope and verify them")
     add("doctor", help="check everything the bot needs and say how to fix what is missing")
     return parser
@@ -107,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from bot.doctor import doctor
 
             return doctor(config, config_path=config_path)
+        if args.command == "worker":
+            from bot.cluster.worker import run_worker
+
+            return asyncio.run(run_worker(config, device=args.device, name=args.name))
         if args.command == "run":
             from bot.runner import STOP_TIMEOUT, run
 

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
+from bot.cluster.settings import ClusterSettings
 from engine.settings import EngineSettings
 
 
@@ -160,6 +161,7 @@ class Config(_Section):
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
     web: WebSettings = WebSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
 
 _TOKEN_HINT = (
@@ -194,6 +196,12 @@ def load_config(path: Path | None) -> Config:
         if isinstance(data.get("web"), dict) and key in data["web"]:
             raise ConfigError(f"{path}: [web].{key}: passwords must not be written in the config file: set {variable} "
                               f"in the environment, or put it alone in a file (chmod 600) named by `{key}_file`")
+    cluster = data.get("cluster")
+    for key in ("redis_url", "url", "password", "redis_password"):
+        if isinstance(cluster, dict) and key in cluster:
+            raise ConfigError(f"{path}: [cluster].{key}: the Redis URL and password must not be written in the config "
+                              "file: set DRAWBOT_REDIS_URL in the environment, or put the URL alone in a file "
+                              "(chmod 600) and name it with [cluster].redis_url_file")
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -203,8 +203,12 @@ class ChatCore:
 
     def _wait_estimate(self, position: int) -> float | None:
         """Seconds until a job at `position` starts: the jobs ahead (the running one counted whole) times the
-        average job so far. None until one job has finished."""
-        return None if self._job_seconds is None or position <= 0 else self._job_seconds * position
+        average job so far, divided among the jobs drawn at once. None until one job has finished."""
+        if self._job_seconds is None or position <= 0:
+            return None
+        # Jobs drawn at once: 1 for the local engine, every live worker for the cluster's.
+        parallel = max(1, int(getattr(self.engine, "parallelism", 1)))
+        return self._job_seconds * -(-position // parallel)
 
     def _is_admin(self, user: User) -> bool:
         return user.key in self.config.limits.admins or user.key in self._granted_admins

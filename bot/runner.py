@@ -186,7 +186,8 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
         logging.getLogger().setLevel(logging.WARNING)
     web_access, web_companion = choose_web(config, console_on, stdin if stdin is not None else sys.stdin)
     settings = config.engine.model_copy(update={"model": model_override}) if model_override else config.engine
-    if settings.model == "majicflus" and not model_override:
+    remote_only = config.cluster.enabled and not config.cluster.local_worker  # workers elsewhere hold the weights
+    if settings.model == "majicflus" and not model_override and not remote_only:
         problems = weights.check(weights.real_model_files(settings.models_dir), fix="drawbot download")
         if problems and (telegram_token or discord_token):
             say("model files are not ready, so the bot cannot serve real users:\n  - " + "\n  - ".join(problems))
@@ -200,9 +201,6 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
                                                    "height": min(settings.height, 256)})
     config = config.model_copy(update={"engine": settings})
 
-    from engine.pipeline import FluxPipeline, locate_model
-    from engine.worker import Engine
-
     storage = config.storage
     try:
         store = await Store.open(storage.database_path, storage.images_dir)
@@ -212,24 +210,40 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     swept = remove_all_temporaries(storage.images_dir)  # we own the state dir: nobody else is mid-write
     if swept:
         log.info("removed %d half-written picture(s) left by an earlier stop", swept)
-    engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
-    say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
-    try:
-        await engine.start()
-    except weights.WeightsError as exc:
-        say(str(exc))
-        await store.close()
-        return 1
-    except Exception as exc:  # no CUDA, out of memory while loading, ...: say it plainly, point at the doctor
-        say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what the bot needs.")
-        await engine.close(timeout=0)
-        await store.close()
-        return 1
-    files, _ = locate_model(settings)
+    if config.cluster.enabled:
+        from bot.cluster.remote import ClusterSetupError, open_cluster_engine
+
+        say("[cluster]: publishing jobs to the drawing workers through Redis"
+            + (" (and drawing here too)" if config.cluster.local_worker else ""))
+        try:
+            engine = await open_cluster_engine(config)
+        except ClusterSetupError as exc:
+            say(f"config error: {exc}")
+            await store.close()
+            return 2
+        tokenizer_dir = weights.real_model_files(settings.models_dir).tokenizer_2
+    else:
+        from engine.pipeline import FluxPipeline, locate_model
+        from engine.worker import Engine
+
+        engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
+        say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
+        try:
+            await engine.start()
+        except weights.WeightsError as exc:
+            say(str(exc))
+            await store.close()
+            return 1
+        except Exception as exc:  # no CUDA, out of memory while loading, ...: say it plainly, point at the doctor
+            say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what the bot needs.")
+            await engine.close(timeout=0)
+            await store.close()
+            return 1
+        tokenizer_dir = locate_model(settings)[0].tokenizer_2
     metrics = metrics if metrics is not None else Metrics()
     metrics.track_queue(lambda: engine.queue_length)
     core = ChatCore(config, store, engine, is_test_model=engine.info.is_test_model,
-                    count_tokens=token_counter(files.tokenizer_2), metrics=metrics)
+                    count_tokens=token_counter(tokenizer_dir), metrics=metrics)
 
     platforms: list[ServedPlatform] = []
     console_input: InterruptibleLines | None = None

@@ -1,0 +1,380 @@
+"""`drawbot worker`: one process per GPU, drawing the bot's jobs from Redis with the normal local engine.
+
+    worker = ClusterWorker(redis, settings, engine, capability, url=url)
+    code = await worker.run(stop)      # 0 after a stop, 2 when the bot on this Redis wants another model/protocol
+
+The loop: take the oldest job whose lease lapsed (XAUTOCLAIM) or else the next new one (XREADGROUP) from the streams
+of this worker's model and size tiers; take it (a new fencing token); draw it on engine.worker.Engine while a keeper
+renews the lease every lease_seconds/4 and forwards progress; hand back the PNG (fenced: dropped if the lease was lost
+meanwhile). A heartbeat key announces what the worker draws; a stop gives the running job back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Protocol
+
+from redis.exceptions import ResponseError
+
+from bot.cluster import protocol
+from bot.cluster.connection import UNREACHABLE, describe, retrying
+from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
+from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
+from engine.jobs import GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+
+log = logging.getLogger(__name__)
+
+
+class LocalEngine(Protocol):
+    def submit(self, request: GenerationRequest, listener=None, *, job_id: str | None = None): ...
+
+
+class WorkerRefused(Exception):
+    """The bot on this Redis wants another model or protocol version."""
+
+
+class ClusterWorker:
+    def __init__(self, redis, settings: ClusterSettings, engine: LocalEngine, capability: Capability, *,
+                 url: str = "redis://"):
+        self._redis = redis
+        self._settings = settings
+        self._engine = engine
+        self._cap = capability
+        self._url = url
+        self._keys = Keys(settings.namespace)
+        self._identity = capability.identity
+        self._streams = [self._keys.jobs(self._identity, tier) for tier in protocol.tiers_up_to(capability.max_pixels)]
+        self._scripts = {name: redis.register_script(getattr(protocol, name))
+                         for name in ("TAKE", "RENEW", "FINISH", "RELEASE")}
+        self._job: str | None = None
+        self._refused: str | None = None
+        self._lease_ms = int(settings.lease_seconds * 1000)
+
+    @property
+    def name(self) -> str:
+        return self._cap.name
+
+    async def run(self, stop: asyncio.Event) -> int:
+        async for attempt in retrying(f"starting worker {self.name}", log, self._url):
+            with attempt:
+                self._check_bot(await self._redis.get(self._keys.bot))
+                await self._ensure_groups()
+                await self._heartbeat_once()
+        if self._refused:
+            return 2
+        log.info("worker %s: ready on Redis %s (%s, up to %s, %s)", self.name, redacted(self._url),
+                 self._identity.describe(), protocol.side(self._cap.largest_tier), self._cap.device)
+        heartbeat = asyncio.create_task(self._heartbeat(stop), name="worker-heartbeat")
+        try:
+            while not stop.is_set() and not self._refused:
+                try:
+                    entry = await self._next_entry()
+                    if entry is not None:
+                        await self._draw(*entry, stop=stop)
+                except UNREACHABLE as exc:
+                    log.warning("worker %s: Redis at %s is unreachable (%s); retrying", self.name,
+                                redacted(self._url), describe(exc))
+                    await _sleep_or_stop(stop, 2.0)
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        await self._ensure_groups()
+                        continue
+                    raise
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            try:
+                await self._redis.delete(self._keys.worker(self.name))
+            except UNREACHABLE:
+                pass
+        return 2 if self._refused else 0
+
+    # -- announcing ----------------------------------------------------------------------------------------------
+    def _check_bot(self, raw: bytes | None) -> None:
+        if not raw:
+            return  # no bot yet: serve this model's queue; the bot checks the worker when it comes
+        try:
+            data = json.loads(raw)
+            wanted = ModelIdentity(str(data["model"]), str(data["dit_hash"]), int(data["protocol"]))
+        except (ValueError, KeyError, TypeError):
+            wanted = ModelIdentity("?", "?", -1)
+        if wanted != self._identity and self._refused is None:
+            self._refused = (f"worker {self.name} refused: the bot on this Redis wants {wanted.describe()}, this "
+                             f"worker draws {self._identity.describe()}. Set [engine].model alike on both PCs and "
+                             "run the same drawbot version.")
+            log.error("%s", self._refused)
+
+    async def _ensure_groups(self) -> None:
+        for stream in self._streams:
+            try:
+                await self._redis.xgroup_create(stream, WORKERS_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _heartbeat_once(self) -> None:
+        cap = Capability(**{**self._cap.__dict__, "state": "drawing" if self._job else "idle", "job": self._job,
+                            "seen": time.time()})
+        ttl_ms = int(self._settings.heartbeat_seconds * 3000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._keys.worker(self.name), cap.to_json(), px=ttl_ms)
+            pipe.hset(self._keys.workers, self.name, cap.to_json())
+            pipe.get(self._keys.bot)
+            *_, bot = await pipe.execute()
+        self._check_bot(bot)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            try:
+                await self._heartbeat_once()
+            except UNREACHABLE:
+                pass  # the main loop says it
+            if self._refused:
+                stop.set()
+
+    # -- taking jobs -------------------------------------------------------------------------------------------
+    async def _next_entry(self) -> tuple[str, bytes, str] | None:
+        """(stream, entry id, job id) of the next job to draw: first one whose lease lapsed, else a new one."""
+        for stream in self._streams:
+            _, claimed, _ = await self._redis.xautoclaim(stream, WORKERS_GROUP, self.name, self._lease_ms,
+                                                         start_id="0-0", count=1)
+            for entry_id, fields in claimed:
+                if fields:
+                    log.info("worker %s: took over job %s (its lease lapsed)", self.name,
+                             protocol.text(fields.get(b"job")))
+                    return stream, entry_id, protocol.text(fields.get(b"job"))
+        block = max(100, min(1000, self._lease_ms // 4))
+        response = await self._redis.xreadgroup(WORKERS_GROUP, self.name, {s: ">" for s in self._streams},
+                                                count=1, block=block)
+        entries = [(protocol.text(stream), entry_id, fields) for stream, items in response or []
+                   for entry_id, fields in items]
+        if not entries:
+            return None
+        entries.sort(key=lambda e: tuple(int(p) for p in protocol.text(e[1]).split("-")))
+        for stream, entry_id, _ in entries[1:]:  # one job at a time: the others go back for anyone to take
+            await self._scripts["RELEASE"](keys=[self._keys.job("-"), stream],
+                                           args=[0, WORKERS_GROUP, self.name, entry_id])
+        stream, entry_id, fields = entries[0]
+        return stream, entry_id, protocol.text(fields.get(b"job"))
+
+    async def _draw(self, stream: str, entry_id: bytes, job_id: str, *, stop: asyncio.Event) -> None:
+        job_key = self._keys.job(job_id)
+        token, payload = await self._scripts["TAKE"](keys=[job_key, self._keys.tokens, self._keys.events],
+                                                      args=[self.name, job_id])
+        token = int(token)
+        if token == 0:  # finished, cancelled or forgotten meanwhile: nothing to draw
+            await self._redis.xack(stream, WORKERS_GROUP, entry_id)
+            await self._redis.xdel(stream, entry_id)
+            log.info("worker %s: job %s is %s; dropped its entry", self.name, job_id, protocol.text(payload))
+            return
+        request = protocol.decode_request(payload)
+        keys = [job_key, stream, self._keys.events]
+        log.info("worker %s: drawing job %s (token %d, %dx%d, %d steps)", self.name, job_id, token, request.width,
+                 request.height, request.steps)
+        self._job = job_id
+        lost = asyncio.Event()
+        cancelled = asyncio.Event()
+        progress: list[JobEvent] = []
+        wake = asyncio.Event()
+
+        def on_event(event: JobEvent) -> None:
+            if event.kind == "progress":
+                progress[:] = [event]
+                wake.set()
+
+        engine_job = self._engine.submit(request, on_event, job_id=job_id)
+
+        async def keep_lease() -> None:
+            interval = max(0.05, self._settings.lease_seconds / 4)
+            while True:
+                try:
+                    await asyncio.wait_for(wake.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+                wake.clear()
+                fields: list = []
+                if progress:
+                    e = progress.pop()
+                    fields = ["kind", "progress", "job", job_id, "token", token, "step", e.step, "total", e.total,
+                              "elapsed", f"{e.elapsed:.3f}", "eta", f"{e.eta or 0:.3f}"]
+                try:
+                    held = await self._scripts["RENEW"](keys=keys, args=[token, WORKERS_GROUP, self.name, entry_id,
+                                                                         *fields])
+                except UNREACHABLE:
+                    continue  # keep drawing; the result is handed back when Redis is there again
+                if held == 0:
+                    log.warning("worker %s: lost the lease of job %s (another worker has it); stopping", self.name,
+                                job_id)
+                    lost.set()
+                    engine_job.cancel()
+                    return
+                if held == -1:
+                    log.info("worker %s: job %s was cancelled; stopping", self.name, job_id)
+                    cancelled.set()
+                    engine_job.cancel()
+                    return
+
+        async def stop_on_signal() -> None:
+            await stop.wait()
+            engine_job.cancel()
+
+        keeper = asyncio.create_task(keep_lease(), name=f"lease-{job_id}")
+        stopper = asyncio.create_task(stop_on_signal(), name=f"stop-{job_id}")
+        keep_ms = int(self._settings.result_keep_seconds * 1000)
+        try:
+            try:
+                result: GenerationResult = await engine_job.wait()
+            except JobCancelled:
+                if lost.is_set():
+                    return
+                if cancelled.is_set():
+                    await self._finish(keys, token, entry_id, keep_ms, "cancelled", b"", [])
+                    return
+                # This worker is stopping: give the job back for another worker to take at once.
+                await self._scripts["RELEASE"](keys=[job_key, stream], args=[token, WORKERS_GROUP, self.name,
+                                                                              entry_id])
+                log.info("worker %s: stopping; gave job %s back", self.name, job_id)
+                return
+            except JobFailed as exc:
+                log.warning("worker %s: job %s failed: %s", self.name, job_id, exc)
+                await self._finish(keys, token, entry_id, keep_ms, "failed", b"",
+                                   ["error", str(exc), "worker", self.name])
+                return
+            fields = ["seconds", f"{result.seconds:.3f}", "seconds_per_step", f"{result.seconds_per_step:.4f}",
+                      "peak_vram", "" if result.peak_vram_bytes is None else result.peak_vram_bytes,
+                      "model_name", result.model_name, "notice", result.notice or "", "worker", self.name]
+            if await self._finish(keys, token, entry_id, keep_ms, "done", result.png, fields):
+                log.info("worker %s: done job %s in %.2f s", self.name, job_id, result.seconds)
+        finally:
+            self._job = None
+            keeper.cancel()
+            stopper.cancel()
+            await asyncio.gather(keeper, stopper, return_exceptions=True)
+
+    async def _finish(self, keys: list[str], token: int, entry_id: bytes, keep_ms: int, kind: str, png: bytes,
+                      fields: list) -> bool:
+        """Hand the outcome back, fenced by the token; retried while Redis is unreachable."""
+        job_id = keys[0].rsplit(":", 1)[1]
+        event = ["kind", kind, "job", job_id, "token", token, *fields]
+        async for attempt in retrying(f"handing back job {job_id}", log, self._url, max_wait=10):
+            with attempt:
+                outcome = await self._scripts["FINISH"](keys=keys, args=[token, WORKERS_GROUP, entry_id, keep_ms,
+                                                                         kind, png, *event])
+        if outcome == 0:
+            log.warning("worker %s: job %s was taken over by another worker while this one drew it; its result is "
+                        "dropped (stale token %d)", self.name, job_id, token)
+        return outcome == 1
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+class PaddedPipeline:
+    """A pipeline that sleeps `seconds` per step (benchmarks and tests: a slower GPU without using the CPU)."""
+
+    def __init__(self, pipeline, seconds: float):
+        self._pipeline = pipeline
+        self._seconds = seconds
+        self.model_name = pipeline.model_name
+        self.device = pipeline.device
+        self.is_test_model = pipeline.is_test_model
+
+    def generate(self, request, on_step):
+        def padded(step: int, total: int) -> None:
+            if step:
+                time.sleep(self._seconds)
+            on_step(step, total)
+
+        return self._pipeline.generate(request, padded)
+
+    def recover_from_oom(self) -> None:
+        self._pipeline.recover_from_oom()
+
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+
+
+def load_capability(config, engine_settings, name: str) -> Capability:
+    """What this worker draws (needs the engine's files: the hash is the one the pipeline checked)."""
+    from engine.pipeline import locate_model
+
+    files, _ = locate_model(engine_settings)
+    return Capability(name=name, model=engine_settings.model, dit_hash=files.hashes["dit"],
+                      protocol=protocol.PROTOCOL, max_pixels=config.cluster.max_pixels,
+                      vram_budget_gb=engine_settings.vram_budget_gb, device=engine_settings.device)
+
+
+def build_local_engine(engine_settings, step_sleep: float):
+    from engine.pipeline import FluxPipeline
+    from engine.worker import Engine
+
+    def load():
+        pipeline = FluxPipeline.load(engine_settings)
+        return PaddedPipeline(pipeline, step_sleep) if step_sleep else pipeline
+
+    return Engine(load, max_queue=1)
+
+
+def say(text: str) -> None:
+    print(f"drawbot worker: {text}", file=sys.stderr, flush=True)
+
+
+async def run_worker(config, *, device: str | None = None, name: str | None = None) -> int:
+    """`drawbot worker`: exit 0 after SIGTERM/SIGINT, 2 on a set-up error or when refused by the bot."""
+    from pydantic import ValidationError
+
+    from bot.cluster.connection import client
+    from engine.settings import EngineSettings
+
+    try:
+        url = read_redis_url(config.cluster)
+    except RedisUrlError as exc:
+        say(str(exc))
+        return 2
+    try:
+        settings = EngineSettings.model_validate({**config.engine.model_dump(), **({"device": device} if device
+                                                                                      else {})})
+    except ValidationError:
+        say(f"--device must be cpu, cuda or cuda:N (got {device!r})")
+        return 2
+    name = name or default_name(settings.device)
+    engine = build_local_engine(settings, config.cluster.step_sleep)
+    say(f"{name}: loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
+    try:
+        await engine.start()
+        capability = load_capability(config, settings, name)
+    except Exception as exc:
+        say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what a worker needs.")
+        await engine.close(timeout=0)
+        return 1
+    redis = client(url)
+    worker = ClusterWorker(redis, config.cluster, engine, capability, url=url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        code = await worker.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await engine.close(timeout=0)
+        await redis.aclose()
+    if code == 2:
+        say(worker._refused or "refused")
+    else:
+        say(f"{name}: stopped")
+    return code
