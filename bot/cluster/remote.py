@@ -40,6 +40,8 @@ from engine.jobs import (
     JobEvent,
     JobFailed,
     JobState,
+    RequestRefusal,
+    RequestRefused,
 )
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,6 @@ unfinished jobs right after start); after that it is dropped (the job was finish
 KEEP_AFTER_DELIVERY = 300.0
 """Seconds the picture stays in Redis once handed to the core (covers a bot killed before it saved it)."""
 KNOWN_WORKER_SECONDS = 86400.0
-
-
-class NoWorkerForSize(EngineError):
-    """No live (or recently known) worker draws a picture this large."""
 
 
 class RemoteJob:
@@ -193,7 +191,9 @@ class RemoteEngine:
                job_id: str | None = None) -> RemoteJob:
         if self._closed:
             raise EngineClosed("the bot is restarting; please try again in a minute")
-        self._check_size(request)
+        refusal = self.check(request)
+        if refusal is not None:
+            raise RequestRefused(refusal)
         job = RemoteJob(self, job_id or uuid.uuid4().hex[:12], request, listener)
         self._jobs[job.id] = job
         self._waiting[job.id] = job
@@ -201,17 +201,30 @@ class RemoteEngine:
         self._outbox.put_nowait(job)  # one publisher, in submit order: the workers take jobs in the core's order
         return job
 
-    def _check_size(self, request: GenerationRequest) -> None:
+    @property
+    def capacity(self) -> int:
+        """How many more jobs to hand over now: one waiting in Redis per live worker (so a worker that finishes takes
+        the next at once) and the rest left in the bot's durable queue, where its fair order is decided."""
+        if self._closed or not self._tasks:
+            return 0
+        return max(0, self.parallelism - len(self._waiting))
+
+    def check(self, request: GenerationRequest) -> RequestRefusal | None:
+        """Refuses a size that no live worker draws (or, with none live now, no recently known one)."""
+        if request.steps < 1:
+            return RequestRefusal("bad_steps", f"steps must be at least 1 (got {request.steps})")
         tier = protocol.tier_of(request.width * request.height)
         pool = self._live or self._known
         if not pool:
-            return  # no worker known yet: accept; it waits for the first worker (the log says there is none)
+            return None  # no worker known yet: accept; it waits for the first worker (the log says there is none)
         largest = max(c.largest_tier for c in pool.values())
-        if tier > largest:
-            which = "live" if self._live else "known"
-            raise NoWorkerForSize(f"no drawing machine here can draw {request.width}×{request.height}; the largest "
-                                  f"size the {which} ones draw is about {protocol.side(largest).replace('x', '×')}. "
-                                  "Try a smaller size.")
+        if tier <= largest:
+            return None
+        side = int(math.isqrt(largest))
+        which = "live" if self._live else "known"
+        return RequestRefusal("too_large", f"{request.width}x{request.height} is larger than any {which} drawing "
+                              f"worker draws (the largest draw about {side}x{side})", device="cluster",
+                              largest=(side, side), largest_pixels=largest)
 
     async def _publisher(self) -> None:
         while True:
@@ -531,7 +544,7 @@ async def _start_local_worker(config, url: str) -> Callable[[], Awaitable[None]]
     local = build_local_engine(settings, config.cluster.step_sleep)
     try:
         await local.start()
-        capability = load_capability(config, settings, default_name(settings.device) + "-local")
+        capability = load_capability(config, settings, default_name(settings.device) + "-local", local)
     except Exception as exc:
         await local.close(timeout=0)
         raise ClusterSetupError(f"[cluster].local_worker: cannot load the model: {type(exc).__name__}: {exc}") from None

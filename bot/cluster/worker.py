@@ -27,7 +27,7 @@ from bot.cluster import protocol
 from bot.cluster.connection import UNREACHABLE, describe, retrying
 from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
-from engine.jobs import GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,14 @@ class ClusterWorker:
                 progress[:] = [event]
                 wake.set()
 
-        engine_job = self._engine.submit(request, on_event, job_id=job_id)
+        try:
+            engine_job = self._engine.submit(request, on_event, job_id=job_id)
+        except EngineError as exc:  # this device cannot draw it after all (its size): the user is told why
+            self._job = None
+            log.warning("worker %s: refused job %s: %s", self.name, job_id, exc)
+            await self._finish(keys, token, entry_id, int(self._settings.result_keep_seconds * 1000), "failed", b"",
+                               ["error", str(exc), "worker", self.name])
+            return
 
         async def keep_lease() -> None:
             interval = max(0.05, self._settings.lease_seconds / 4)
@@ -290,6 +297,7 @@ class PaddedPipeline:
         self.model_name = pipeline.model_name
         self.device = pipeline.device
         self.is_test_model = pipeline.is_test_model
+        self.size_cost = getattr(pipeline, "size_cost", None)
 
     def generate(self, request, on_step):
         def padded(step: int, total: int) -> None:
@@ -307,13 +315,18 @@ def default_name(device: str) -> str:
     return f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
 
 
-def load_capability(config, engine_settings, name: str) -> Capability:
-    """What this worker draws (needs the engine's files: the hash is the one the pipeline checked)."""
+def load_capability(config, engine_settings, name: str, engine=None) -> Capability:
+    """What this worker draws (needs the engine's files: the hash is the one the pipeline checked). The largest size
+    is [cluster].max_pixels, or less where the engine measured that its device affords less (engine.size_cost)."""
     from engine.pipeline import locate_model
 
     files, _ = locate_model(engine_settings)
+    max_pixels = config.cluster.max_pixels
+    cost = getattr(engine, "size_cost", None)
+    if cost is not None and getattr(cost, "largest_pixels", None):
+        max_pixels = min(max_pixels, int(cost.largest_pixels))
     return Capability(name=name, model=engine_settings.model, dit_hash=files.hashes["dit"],
-                      protocol=protocol.PROTOCOL, max_pixels=config.cluster.max_pixels,
+                      protocol=protocol.PROTOCOL, max_pixels=max_pixels,
                       vram_budget_gb=engine_settings.vram_budget_gb, device=engine_settings.device)
 
 
@@ -355,7 +368,7 @@ async def run_worker(config, *, device: str | None = None, name: str | None = No
     say(f"{name}: loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
     try:
         await engine.start()
-        capability = load_capability(config, settings, name)
+        capability = load_capability(config, settings, name, engine)
     except Exception as exc:
         say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what a worker needs.")
         await engine.close(timeout=0)
