@@ -540,7 +540,19 @@ def run_checks(config: Config, facts: Facts, *, config_path: Path | None = None,
     extra = check_model_for_users(config)
     if extra is not None:
         checks.append(extra)
+    if config.cluster.enabled:
+        checks.append(check_cluster(config))
     return checks
+
+
+def check_cluster(config: Config) -> Check:
+    """[cluster]: Redis answers, and which drawing workers are live (imports redis only here)."""
+    from bot.cluster.remote import doctor_lines
+
+    reachable, found, fix = doctor_lines(config)
+    if not reachable:
+        return Check("cluster (Redis)", Verdict.FAIL, found, fix)
+    return Check("cluster (Redis)", Verdict.WARN if fix else Verdict.OK, found, fix)
 
 
 # -- the table ----------------------------------------------------------------------------------------------------

@@ -560,3 +560,34 @@ async def _start_local_worker(config, url: str) -> Callable[[], Awaitable[None]]
         await redis.aclose()
 
     return close
+
+
+def doctor_lines(config, timeout: float = 3.0) -> tuple[bool, str, str]:
+    """For `drawbot doctor`: (reachable, what was found, the fix). Imports redis only when called."""
+    from bot.cluster.connection import client
+    from bot.cluster.settings import RedisUrlError, read_redis_url
+
+    try:
+        url = read_redis_url(config.cluster)
+    except RedisUrlError as exc:
+        return False, "no Redis URL", str(exc)
+
+    async def probe() -> tuple[bool, str, str]:
+        redis = client(url)
+        try:
+            await asyncio.wait_for(redis.ping(), timeout)
+            workers = await read_live_workers(redis, Keys(config.cluster.namespace))
+        except Exception as exc:  # unreachable, wrong password, ...
+            return False, f"Redis at {redacted(url)} does not answer: {describe(exc)}", \
+                "start redis-server there, check the password in DRAWBOT_REDIS_URL and the LAN address (docs/deploy.md)"
+        finally:
+            await redis.aclose()
+        wanted = protocol.expected_identity(config.engine.model)
+        lines = [f"Redis at {redacted(url)} answers; {len(workers)} live worker(s)"]
+        for cap in workers:
+            verdict = "ok" if cap.identity == wanted else f"REFUSED (draws {cap.identity.describe()})"
+            lines.append(f"  {cap.name}: {cap.device}, {cap.vram_budget_gb:g} GB, up to "
+                         f"{protocol.side(cap.largest_tier)}, {cap.state}{' ' + cap.job if cap.job else ''} - {verdict}")
+        return True, "\n".join(lines), "" if workers else "start `drawbot worker` on a PC with a GPU"
+
+    return asyncio.run(probe())

@@ -153,3 +153,25 @@ def test_a_worker_for_another_model_is_refused_with_a_clear_line(tmp_path, model
     log = workers.log("wrong")
     assert "refused: the bot on this Redis wants model majicflus" in log and "this worker draws model tiny" in log
     assert "Traceback" not in log
+
+
+def test_doctor_shows_redis_and_the_live_workers(redis_server, monkeypatch, tmp_path):
+    import redis as redis_sync
+
+    from bot.config import Config
+    from bot.doctor import Verdict, check_cluster
+
+    config = Config.model_validate({"engine": {"model": "tiny"}, "cluster": {"enabled": True}})
+    monkeypatch.setenv("DRAWBOT_REDIS_URL", redis_server.url)
+    check = check_cluster(config)
+    assert check.verdict is Verdict.WARN and "0 live worker(s)" in check.detail and "drawbot worker" in check.fix
+    r = redis_sync.Redis.from_url(redis_server.url)
+    r.set("drawbot:worker:gpu0", protocol.Capability("gpu0", "tiny", protocol.MODEL_HASHES["tiny"], protocol.PROTOCOL,
+                                                     1024 * 1024, 8.0, "cuda:0").to_json(), px=60_000)
+    r.close()
+    check = check_cluster(config)
+    assert check.verdict is Verdict.OK and "gpu0: cuda:0, 8 GB, up to 1024x1024, idle - ok" in check.detail
+    assert "test-secret" not in check.detail
+    monkeypatch.setenv("DRAWBOT_REDIS_URL", "redis://:x@127.0.0.1:1/0")
+    check = check_cluster(config)
+    assert check.verdict is Verdict.FAIL and "does not answer" in check.detail
