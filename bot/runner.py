@@ -32,6 +32,8 @@ from bot.store import Store, StoreError, remove_all_temporaries
 
 if TYPE_CHECKING:
     from bot.adapters.console import ConsolePlatform
+    from bot.cluster.remote import RemoteEngine
+    from engine.worker import Engine
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,7 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     swept = remove_all_temporaries(storage.images_dir)  # we own the state dir: nobody else is mid-write
     if swept:
         log.info("removed %d half-written picture(s) left by an earlier stop", swept)
+    engine: Engine | RemoteEngine
     if config.cluster.enabled:
         from bot.cluster.remote import ClusterSetupError, open_cluster_engine
 

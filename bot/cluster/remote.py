@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import math
@@ -185,6 +186,9 @@ class RemoteEngine:
     @property
     def live_workers(self) -> list[Capability]:
         return sorted(self._live.values(), key=lambda c: c.name)
+
+    def stop_now(self) -> None:
+        """A second Ctrl-C: nothing to stop here, the workers draw elsewhere (their jobs stay in Redis)."""
 
     # -- jobs --------------------------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest, listener: Listener | None = None, *,
@@ -427,7 +431,7 @@ class RemoteEngine:
                 del self._orphans[job_id]
                 log.info("cluster: dropping the result of job %s, which this bot no longer follows", job_id)
                 for entry_id, _ in entries:
-                    task = asyncio.create_task(self._guarded(lambda e=entry_id: self._ack(e)))
+                    task = asyncio.create_task(self._guarded(functools.partial(self._ack, entry_id)))
                     self._publishing.add(task)
                     task.add_done_callback(self._publishing.discard)
 
