@@ -1,7 +1,16 @@
 """The chat core: every rule lives here once, for every platform.
 
-    message -> parse -> policy (allowlist, blocked words) -> limits + durable write (store.admit) -> ack with queue
-    position -> engine -> throttled progress edits -> picture with seed + buttons -> marked delivered
+    message -> parse -> policy (allowlist, blocked words) -> what the engine can never draw (engine.check: a size
+    this device cannot afford) -> limits + durable write (store.admit) -> ack with queue position -> the feeder
+    hands it to the engine when its turn comes -> throttled progress edits -> picture with seed + buttons -> delivered
+
+The store's queue is the one queue: the feeder (`_feed`) hands the engine only the next job(s) in the store's order,
+as many as `engine.capacity` allows and at most FEED_AHEAD waiting in the engine, whenever a job is admitted, starts,
+ends or is cancelled. So whatever the store admitted is drawn in order, however small the engine's own queue is;
+queue positions shown to users are places in the store's queue; a job not yet handed over is cancelled in the store
+alone; at a stop or crash, jobs not yet handed over are simply still queued. Recovery after a restart follows the
+stored jobs again and lets the same feeder hand them over. The feeder uses only the engine's public interface
+(`check`, `capacity`, `submit`, the job handle), so a remote engine plugs in the same way.
 
 Adapters translate platform events into calls on `ChatCore` and give it a `Conversation` to answer in. The core
 imports no chat library and no torch: the engine arrives as an object with `submit()` (engine.worker.Engine, or a
@@ -16,7 +25,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
 
@@ -35,12 +44,17 @@ from engine.jobs import (
     JobFailed,
     JobHandle,
     JobState,
+    RequestRefusal,
 )
 
 log = logging.getLogger(__name__)
 
 HISTORY_SHOWN = 10
 """Pictures /history lists, numbered from 1 (the newest); `/again N` takes those numbers."""
+
+FEED_AHEAD = 1
+"""Jobs handed to the engine beyond the one it draws: enough that it never waits between jobs, few enough that the
+store's queue (fair order, cancel, stop) stays the truth."""
 
 
 class EngineLike(Protocol):
@@ -50,16 +64,23 @@ class EngineLike(Protocol):
     @property
     def queue_length(self) -> int: ...
 
+    # Optional (read with getattr, absent in simple fakes): `capacity` (how many more jobs `submit` takes now) and
+    # `check(request) -> RequestRefusal | None` (what it can never draw).
+
 
 @dataclass
 class _Live:
     """A job this process is following: its engine handle and where to talk about it."""
 
     record_id: str
-    engine_job: JobHandle
+    request: GenerationRequest
+    events: asyncio.Queue[JobEvent]
     conv: Conversation
     user_id: str
     ack_id: str | None
+    engine_job: JobHandle | None = None  # the engine's handle once the feeder handed the job over; None while only in the store
+    started: bool = False
+    position: int | None = None  # the place in the store's queue last told to the follower
     shown: str | None = None  # text the ack message shows now (no edit when unchanged)
     user_cancelled: bool = False
     task: asyncio.Task | None = None
@@ -95,6 +116,7 @@ class ChatCore:
         self._accepting = True
         self._stopping = False
         self._job_seconds: float | None = None  # moving average of finished jobs, for queue ETAs
+        self._feed_lock = asyncio.Lock()
         self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
         self._granted_admins: set[str] = set()  # proven otherwise than by config (the web admin password)
 
@@ -255,8 +277,7 @@ class ChatCore:
             return "Only the bot's admins can cancel other people's pictures."
         live = self._live.get(job_id)
         if live is not None:
-            live.user_cancelled = True
-            if live.engine_job.cancel():
+            if self._cancel_live(live):
                 log.info("admin %s cancelled job=%s", admin.key, job_id)
                 return f"Cancelled {job_id}."
         if await self.store.mark_cancelled(job_id):  # in the table but not followed here: never leave it stuck
@@ -278,6 +299,13 @@ class ChatCore:
             await conv.send_text(m.escape(refusal))
             return None
         seed = self._random_seed() if command.seed is None else command.seed
+        request = GenerationRequest(command.prompt, seed, command.steps, command.width, command.height)
+        cannot = self._engine_refusal(request)
+        if cannot is not None:  # known now: refused before anyone hears "accepted"
+            self.metrics.refused(cannot.reason)
+            log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, cannot.reason)
+            await conv.send_text(replies.engine_refusal(m, cannot, prompt=command.prompt))
+            return None
         admission = await self.store.admit(
             NewJob(platform=user.platform, user_id=user.id, chat_id=user.chat_id, prompt=command.prompt, seed=seed,
                    steps=command.steps, width=command.width, height=command.height,
@@ -296,36 +324,85 @@ class ChatCore:
         self.metrics.accepted(user.platform)
         log.info("accepted job=%s platform=%s user=%s steps=%d size=%dx%d", job_id, user.platform, user.id,
                  command.steps, command.width, command.height)
-        live = await self._start(job_id, GenerationRequest(command.prompt, seed, command.steps, command.width,
-                                                           command.height), conv, user.id)
-        if live is None:
-            return None
-        position = live.engine_job.position
-        live.shown = replies.queued(m, position, self._wait_estimate(position))
+        live = self._start(job_id, request, conv, user.id)
+        queue = await self.store.queue()
+        live.position = queue.index(job_id) + 1 if job_id in queue else 0
+        live.shown = replies.queued(m, live.position, self._wait_estimate(live.position))
         live.ack_id = await self._safe_send(conv, live.shown)
         await self.store.set_reply_ref(job_id, {"conv": conv.ref(), "ack_id": live.ack_id,
                                                 "as_file": command.as_file, "user_name": user.name})
+        await self._feed()
         return job_id
 
-    async def _start(self, job_id: str, request: GenerationRequest, conv: Conversation, user_id: str) -> _Live | None:
-        """Hand a stored job to the engine and follow it. The engine's events queue up until the follower runs."""
-        events: asyncio.Queue[JobEvent] = asyncio.Queue()
-        try:
-            engine_job = self.engine.submit(request, events.put_nowait, job_id=job_id)
-        except EngineError as exc:
-            self.metrics.finished("failed")
-            log.warning("failed job=%s platform=%s user=%s: %s", job_id, conv.platform, user_id, exc)
-            await self.store.mark_failed(job_id, str(exc))
-            await self._safe_send(conv, replies.failed(conv.markup, str(exc)))
-            return None
-        live = _Live(job_id, engine_job, conv, user_id, ack_id=None)
+    def _engine_refusal(self, request: GenerationRequest) -> RequestRefusal | None:
+        check = getattr(self.engine, "check", None)
+        return check(request) if check is not None else None
+
+    def _start(self, job_id: str, request: GenerationRequest, conv: Conversation, user_id: str) -> _Live:
+        """Follow a stored, queued job. The feeder hands it to the engine when its turn in the store's queue comes;
+        events (store positions, then the engine's) queue up until the follower runs."""
+        live = _Live(job_id, request, asyncio.Queue(), conv, user_id, ack_id=None)
         self._live[job_id] = live
-        live.task = asyncio.create_task(self._follow(live, request, events), name=f"follow-{job_id}")
+        live.task = asyncio.create_task(self._follow(live), name=f"follow-{job_id}")
         return live
 
-    async def _follow(self, live: _Live, request: GenerationRequest, events: asyncio.Queue[JobEvent]) -> None:
+    async def _feed(self) -> None:
+        """Hand the engine the next queued jobs in the store's order, as many as it has room for (see FEED_AHEAD),
+        then tell every waiting job its place in the store's queue."""
+        async with self._feed_lock:
+            if self._stopping:
+                return
+            try:
+                queue = await self.store.queue()
+            except Exception:
+                log.exception("cannot read the queue; feeding the engine later")
+                return
+            waiting_in_engine = sum(1 for live in self._live.values()
+                                    if live.engine_job is not None and not live.started)
+            capacity = getattr(self.engine, "capacity", None)
+            room = FEED_AHEAD - waiting_in_engine if capacity is None else min(capacity, FEED_AHEAD - waiting_in_engine)
+            for job_id in queue:
+                if room <= 0:
+                    break
+                live = self._live.get(job_id)
+                if live is None or live.engine_job is not None or live.user_cancelled:
+                    continue  # not followed by this process (its platform is not running), or already handed over
+                listener = _engine_events(live.events)
+                try:
+                    live.engine_job = self.engine.submit(live.request, listener, job_id=job_id)
+                except EngineError as exc:
+                    # What the engine can never draw was refused at admission; this is a job accepted earlier (before
+                    # a restart, under another config or device): fail it and tell its user.
+                    live.events.put_nowait(JobEvent(job_id, "failed", error=str(exc)))
+                    continue
+                room -= 1
+            self._announce_positions(queue)
+
+    def _announce_positions(self, queue: list[str]) -> None:
+        """Each followed job not started yet hears its place in the store's queue when it changed."""
+        for index, job_id in enumerate(queue, start=1):
+            live = self._live.get(job_id)
+            if live is not None and not live.started and live.position != index:
+                live.position = index
+                live.events.put_nowait(JobEvent(job_id, "queued", position=index))
+
+    def _cancel_live(self, live: _Live) -> bool:
+        """Cancel a followed job: in the engine once handed over, else only in the store (its follower does that)."""
+        live.user_cancelled = True
+        if live.engine_job is not None:
+            return bool(live.engine_job.cancel())
+        live.events.put_nowait(JobEvent(live.record_id, "cancelled"))
+        return True
+
+    async def _feed_quietly(self) -> None:
+        try:
+            await self._feed()
+        except Exception:
+            log.exception("feeding the engine failed; trying again at the next change")
+
+    async def _follow(self, live: _Live) -> None:
         """Turn engine events into store updates and (throttled) chat edits, then deliver."""
-        conv, m = live.conv, live.conv.markup
+        conv, m, events = live.conv, live.conv.markup, live.events
         last_edit = 0.0
         held: list[str] = []  # the newest text a throttled edit skipped; shown when the interval has passed
         flusher: asyncio.Task | None = None
@@ -358,15 +435,35 @@ class ChatCore:
                 if event.kind == "queued":
                     await edit(replies.queued(m, event.position, self._wait_estimate(event.position)))
                 elif event.kind == "started":
+                    live.started = True
                     await self.store.mark_running(live.record_id)
+                    await self._feed_quietly()  # a place in the engine's queue is free; the others move up
                     await edit(replies.queued(m, 0, None), force=True)
                     await self._quietly(conv.working())
                 elif event.kind == "progress" and event.step:
                     await edit(replies.progress(m, event.step, event.total, event.eta))
                     if event.step % 5 == 0:
                         await self._quietly(conv.working())  # Telegram shows a chat action for ~5 s
-                elif event.kind in ("done", "failed", "cancelled"):
+                elif event.kind in ("done", "failed", "cancelled", "kept"):
                     break
+            if live.engine_job is None:  # it never reached the engine
+                if event.kind == "kept":  # a graceful stop: still queued in the store for the next start
+                    return
+                if event.kind == "cancelled":
+                    self.metrics.finished("cancelled")
+                    log.info("cancelled job=%s platform=%s user=%s", live.record_id, conv.platform, live.user_id)
+                    await self.store.mark_cancelled(live.record_id)
+                    await edit(replies.cancelled(m), force=True)
+                    return
+                error = event.error or "generation failed"
+                self.metrics.finished("failed")
+                log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, conv.platform, live.user_id,
+                            error)
+                await self.store.mark_failed(live.record_id, error)
+                await edit(replies.failed(m, error), force=True)
+                if live.ack_id is None:
+                    await self._safe_send(conv, replies.failed(m, error))
+                return
             try:
                 result: GenerationResult = await live.engine_job.wait()
             except JobCancelled:
@@ -409,6 +506,7 @@ class ChatCore:
             if flusher is not None:
                 flusher.cancel()
             self._live.pop(live.record_id, None)
+            await self._feed_quietly()
 
     async def deliver(self, record: JobRecord, conv: Conversation, *, png: bytes, seconds: float,
                       notice: str | None, path: str | None) -> bool:
@@ -523,13 +621,12 @@ class ChatCore:
         m = conv.markup
         mine = [live for live in list(self._live.values()) if live.user_id == user.id and
                 live.conv.platform == user.platform]
-        for live in mine:
-            live.user_cancelled = True
-        cancelled = sum(1 for live in mine if live.engine_job.cancel())
+        cancelled = sum(1 for live in mine if self._cancel_live(live))
         # Jobs in the table that this process is not following (should not happen, but never leave them stuck).
         leftovers = [r for r in await self.store.cancel_user_jobs(user.platform, user.id) if r.id not in
                      {live.record_id for live in mine}]
         total = cancelled + len(leftovers)
+        await self._feed_quietly()
         await conv.send_text(m.escape(f"Cancelled {total} picture{'s' if total != 1 else ''}." if total else
                                       "You have nothing waiting or drawing."))
 
@@ -572,10 +669,10 @@ class ChatCore:
                 if record.status == "failed":
                     await self._safe_send(conv, replies.failed(conv.markup, record.error or "the bot restarted"))
                     continue
-            live = await self._start(record.id, GenerationRequest(record.prompt, record.seed, record.steps,
-                                                                  record.width, record.height), conv, record.user_id)
-            if live is not None:
-                live.ack_id = await self._safe_send(conv, replies.restarted_still_coming(conv.markup, record.prompt))
+            live = self._start(record.id, GenerationRequest(record.prompt, record.seed, record.steps, record.width,
+                                                            record.height), conv, record.user_id)
+            live.ack_id = await self._safe_send(conv, replies.restarted_still_coming(conv.markup, record.prompt))
+        await self._feed()  # the same feeder as ever: in the store's order (a crash retry behind the others)
         return picked
 
     async def housekeeping(self) -> None:
@@ -601,10 +698,13 @@ class ChatCore:
     async def stop_accepting(self) -> None:
         """Graceful stop: refuse new work and tell users with waiting jobs that theirs is kept."""
         self._accepting = False
-        self._stopping = True
+        async with self._feed_lock:
+            self._stopping = True  # the feeder hands the engine nothing more
         for live in list(self._live.values()):
-            if live.engine_job.state is JobState.QUEUED:
+            if live.engine_job is None or live.engine_job.state is JobState.QUEUED:
                 await self._safe_send(live.conv, replies.restarting(live.conv.markup))
+            if live.engine_job is None:
+                live.events.put_nowait(JobEvent(live.record_id, "kept"))  # stays queued in the store
 
     async def _safe_send(self, conv: Conversation, text: str) -> str | None:
         try:
@@ -619,3 +719,14 @@ class ChatCore:
             await awaitable
         except Exception:
             pass
+
+
+def _engine_events(events: asyncio.Queue[JobEvent]) -> Callable[[JobEvent], None]:
+    """The engine's events for a follower, less its own queue positions: users hear their place in the store's
+    queue (`ChatCore._announce_positions`), which counts every waiting job, not the few handed to the engine."""
+
+    def listener(event: JobEvent) -> None:
+        if event.kind != "queued":
+            events.put_nowait(event)
+
+    return listener

@@ -99,6 +99,16 @@ def caption(m: Markup, *, prompt: str, seed: int, steps: int, width: int, height
     return text
 
 
+def engine_refusal(m: Markup, refusal, *, prompt: str) -> str:
+    """A picture the engine can never draw (engine.jobs.RequestRefusal), refused before it is accepted."""
+    if refusal.reason == "too_large" and refusal.largest:
+        width, height = refusal.largest
+        where = "graphics card" if refusal.device.startswith("cuda") else "computer"
+        return m.escape(f"Sorry, that size is too big for this bot's {where}: the largest picture of that shape it can "
+                        f"draw is {width}x{height}. Try: /draw {short(prompt, 60)} --size {width}x{height}")
+    return m.escape(f"Sorry, I can't draw that: {refusal.message}.")
+
+
 def failed(m: Markup, error: str) -> str:
     return m.escape(f"Sorry, that picture failed: {error}")
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bot.config import Config, ConsoleSettings, LimitSettings, StorageSettings
 from bot.runner import run
 from engine.png import read_parameters
@@ -77,3 +79,24 @@ async def test_again_takes_the_number_history_shows_and_acknowledges_once(tmp_pa
     assert text.count("seed 11 · 1 step ·") == 2 and "1 steps" not in text and "seed 22 · 2 steps ·" in text
     assert "Queued!" not in text  # the queue message is the one acknowledgement
     assert "/again 9 is not one of them" in text
+
+
+@pytest.mark.slow
+async def test_150_draw_lines_with_a_queue_cap_above_the_engines_queue_are_all_delivered(tmp_path, tiny_settings):
+    """Issue 17, as an owner ran it: queue_cap 200 and no per-user limits, 150 /draw lines typed at once. The engine's
+    own queue (engine.max_queue, 100 by default) must not refuse what the store accepted: all 150 are drawn."""
+    config = Config(
+        engine=tiny_settings.model_copy(update={"max_queue": 100, "mode": "resident"}),  # as the tiny fallback runs
+        storage=StorageSettings(state_dir=tmp_path / "state"),
+        limits=LimitSettings(queue_cap=200, cooldown_seconds=0, max_active_per_user=200, per_hour=0, per_day=0),
+        console=ConsoleSettings(enabled=True, user="tester"),
+    )
+    script = "".join(f"/draw fox number {n} --seed {n} --steps 1\n" for n in range(150))  # 64x64: quick
+    out = io.StringIO()
+    assert await run(config, model_override="tiny", stdin=io.StringIO(script), stdout=out) == 0
+    text = out.getvalue()
+    assert len(re.findall(r"^Got it - you are", text, re.M)) == 150  # the acks (edits are indented)
+    assert "failed" not in text and "queue is full" not in text
+    assert text.count("picture saved: ") == 150
+    # Places in the store's queue, beyond the engine's 100 (lines are read while pictures are drawn, so not quite 150).
+    assert max(int(n) for n in re.findall(r"#(\d+) in the queue", text)) > 100

@@ -212,7 +212,7 @@ async def test_throttled_queue_position_is_shown_once_the_interval_passes(tiny_s
     carol = User("console", "carol", "Carol", chat_id="c3")
     first, second, third = RecordingConversation("a"), RecordingConversation("b"), RecordingConversation("c")
     watched = RecordingConversation("d", progress_interval=0.4)
-    await core.on_text(ALICE, first, "/draw long one --steps 50 --size 256x256")
+    await core.on_text(ALICE, first, "/draw long one --steps 50 --size 512x512")  # still drawing after 1.1 s
     await core.on_text(BOB, second, "/draw b --steps 2")
     await core.on_text(carol, third, "/draw c --steps 2")
     await core.on_text(User("console", "dave", chat_id="c4"), watched, "/draw d --steps 2")
@@ -271,3 +271,91 @@ async def test_admin_bans_and_unbans_from_chat_and_others_cannot(tiny_settings, 
     await core.on_text(BOB, bob, "/draw a cat")
     await core.drain()
     assert len(bob.pictures) == 1
+
+
+# -- the engine fed from the store's queue (issue 17) -----------------------------------------------------------------
+
+
+async def test_every_acknowledged_picture_is_delivered_with_a_small_engine_queue(tiny_settings, store, tiny_pipeline):
+    """engine.max_queue 2, limits.queue_cap 50: all 12 accepted pictures are drawn, in order, none refused later."""
+    small = Engine(lambda: tiny_pipeline, max_queue=2)
+    await small.start()
+    try:
+        core = core_for(make_config(tiny_settings, max_active_per_user=50), store, small)
+        conv = RecordingConversation()
+        for n in range(12):
+            await core.on_text(ALICE, conv, f"/draw picture {n} --steps 1")
+        acks = [t for t in conv.texts() if t.startswith("Got it")]
+        assert len(acks) == 12
+        # Places in the store's queue, beyond the engine's 2: the last one heard it has (at least) 9 ahead.
+        assert any(f"#{n} in the queue" in acks[-1] for n in range(10, 13)), acks[-1]
+        await core.drain()
+        assert not [t for t in conv.texts() if "failed" in t]
+        assert len(conv.pictures) == 12
+        assert [p.caption.split("\n")[0] for p in conv.pictures] == [f"picture {n}" for n in range(12)]
+        assert [r.status for r in await store.history("console", "alice", 20)] == ["done"] * 12
+    finally:
+        await small.close(timeout=30)
+
+
+async def test_cancel_reaches_jobs_that_are_only_in_the_store(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings), store, engine)
+    first, mine = RecordingConversation("a"), RecordingConversation("b")
+    await core.on_text(ALICE, first, "/draw long one --steps 50 --size 512x512")
+    for n in range(3):
+        await core.on_text(BOB, mine, f"/draw waiting {n}")
+    assert sum(1 for live in core._live.values() if live.engine_job is None) >= 2  # not all handed to the engine
+    await core.cancel(BOB, mine)
+    assert mine.texts()[-1] == "Cancelled 3 pictures."
+    await core.cancel(ALICE, first)
+    await core.drain()
+    assert not mine.pictures
+    assert [r.status for r in await store.history("console", "bob")] == ["cancelled"] * 3
+    assert await store.queue() == []
+
+
+class OnASmallerMachine:
+    """The real tiny pipeline, drawing as ever, with `budget` bytes for a picture's working memory."""
+
+    def __init__(self, pipeline, budget: float):
+        from engine.size_cost import SizeCost
+
+        self._pipeline = pipeline
+        cost = pipeline.size_cost
+        self.size_cost = SizeCost(cost.device, budget, cost.fixed_bytes, cost.per_pixel, cost.per_pixel_squared)
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+async def test_a_size_the_device_cannot_afford_is_refused_before_it_is_accepted(tiny_settings, store, tiny_pipeline):
+    engine = Engine(lambda: OnASmallerMachine(tiny_pipeline, budget=200 * 2**20))
+    await engine.start()
+    try:
+        core = core_for(make_config(tiny_settings), store, engine)
+        conv = RecordingConversation()
+        await core.on_text(ALICE, conv, "/draw a fox --size 1024x1024 --steps 1")
+        [reply] = conv.texts()
+        assert reply.startswith("Sorry, that size is too big for this bot's computer: the largest picture of that "
+                                "shape it can draw is ")
+        size = reply.split("--size ")[1]
+        assert await store.history("console", "alice") == []  # never accepted, never stored
+        await core.on_text(ALICE, conv, f"/draw a fox --size {size} --steps 1")  # the size it named works
+        await core.drain()
+        assert conv.texts()[1].startswith("Got it") and len(conv.pictures) == 1
+    finally:
+        await engine.close(timeout=30)
+
+
+async def test_a_graceful_stop_keeps_jobs_not_yet_handed_to_the_engine_queued(tiny_settings, store, engine):
+    core = core_for(make_config(tiny_settings), store, engine)
+    conv = RecordingConversation()
+    await core.on_text(ALICE, conv, "/draw long one --steps 50 --size 512x512")
+    for n in range(3):
+        await core.on_text(BOB, conv, f"/draw waiting {n}")
+    await core.stop_accepting()
+    await engine.close(timeout=0)
+    await asyncio.wait_for(core.drain(), 30)
+    assert conv.texts().count("The bot is restarting. Your picture is kept and will be drawn when it is back.") == 3
+    assert [r.status for r in await store.history("console", "bob")] == ["queued"] * 3
+    assert len(await store.queue()) == 4  # the stopped running one back in line first
