@@ -100,6 +100,7 @@ class ChatCore:
         delivery_attempts: int = 5,
         delivery_backoff: float = 2.0,
         metrics: Metrics | None = None,
+        feed_ahead: int = FEED_AHEAD,
     ):
         self.config = config
         self.store = store
@@ -117,6 +118,7 @@ class ChatCore:
         self._stopping = False
         self._job_seconds: float | None = None  # moving average of finished jobs, for queue ETAs
         self._feed_lock = asyncio.Lock()
+        self._feed_ahead = feed_ahead
         self._blocked = [re.compile(p, re.IGNORECASE) for p in config.policy.blocked_words]
         self._granted_admins: set[str] = set()  # proven otherwise than by config (the web admin password)
 
@@ -360,7 +362,8 @@ class ChatCore:
             waiting_in_engine = sum(1 for live in self._live.values()
                                     if live.engine_job is not None and not live.started)
             capacity = getattr(self.engine, "capacity", None)
-            room = FEED_AHEAD - waiting_in_engine if capacity is None else min(capacity, FEED_AHEAD - waiting_in_engine)
+            ahead = self._feed_ahead - waiting_in_engine
+            room = ahead if capacity is None else min(capacity, ahead)
             for job_id in queue:
                 if room <= 0:
                     break

@@ -165,7 +165,8 @@ async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, discord_urls
         stack.append(store.close)
         engine = HeldEngine()
         core = ChatCore(make_config(tmp_path / "state", admins=[f"discord:{alice.id}"], **discord_settings),
-                        store, engine, delivery_backoff=0.01, random_seed=lambda: 4242)
+                        store, engine, delivery_backoff=0.01, random_seed=lambda: 4242,
+                        feed_ahead=100)  # the held engine never starts a job: let it hold every one
         platform = DiscordPlatform(core, core.config.discord, fake.token)
         core.add_platform(platform)
         await platform.login()
