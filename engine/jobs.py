@@ -40,7 +40,8 @@ class JobState(str, Enum):
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 """The values of `JobState`, as the store keeps them."""
 
-EventKind = Literal["queued", "started", "progress", "done", "failed", "cancelled"]
+EventKind = Literal["queued", "started", "progress", "done", "failed", "cancelled", "kept"]
+"""`kept`: never sent by an engine; the chat core tells a job not yet handed to the engine that a stop keeps it queued."""
 """queued (position changed; 1 = next), started, progress (step/total/eta), then one of done, failed, cancelled."""
 
 
