@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ class Bot:
     def __init__(self, config: Path, workdir: Path, name: str, port: int, env: dict[str, str], args=()):
         self.url = f"http://127.0.0.1:{port}/"
         self.err_path = workdir / f"{name}.err"
+        self.database = workdir / "state" / "drawbot.sqlite3"
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config), "run", *args],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT, cwd=REPO,
@@ -267,12 +269,21 @@ def test_the_gradio_client_draws_with_the_same_rules(bot, drawn):
     assert png.startswith(b"\x89PNG") and "Seed: 7," in read_parameters(png)
     with pytest.raises(AppError, match="Tell me what to draw"):
         client.predict("", 7, 4, api_name="/draw")
-    # Same limits as chat: max_active_per_user = 1 here, so a second picture while one waits is refused.
+    # Same limits as chat: max_active_per_user = 1 here, so a second picture while one waits is refused. Two other
+    # users' long pictures go first, so this user's picture is certainly still waiting when the second one comes.
+    others = [Client(bot.url, verbose=False).submit(f"a busy fox {n}", n, 50, api_name="/draw") for n in (1, 2)]
     first = client.submit("a slow fox", 1, 30, api_name="/draw")
-    time.sleep(1.0)
+
+    def waiting(prompt: str) -> bool:
+        with sqlite3.connect(bot.database, timeout=10) as db:
+            row = db.execute("SELECT status FROM jobs WHERE prompt = ?", (prompt,)).fetchone()
+        return row is not None and row[0] in ("queued", "running")
+
+    wait_until(lambda: waiting("a slow fox"), 60, "the first picture in the queue")
     with pytest.raises(AppError, match="waiting or drawing"):
         client.predict("one more", 2, 4, api_name="/draw")
-    first.result(timeout=120)
+    for job in (*others, first):
+        job.result(timeout=180)
 
 
 def test_the_dashboard_needs_the_admin_password_and_shows_every_platforms_queue(browser, bot, drawn):
