@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,74 @@ class RequestRefused(EngineError):
     def __init__(self, refusal: RequestRefusal):
         super().__init__(refusal.message)
         self.refusal = refusal
+
+
+Listener = Callable[[JobEvent], None]
+
+
+class _JobQueue(Protocol):
+    """What a job asks of the engine that holds it (engine.worker.Engine, bot.cluster.remote.RemoteEngine)."""
+
+    # `Any`: each engine takes its own job subclass.
+    def _position(self, job: Any) -> int: ...
+
+    def _cancel(self, job: Any) -> bool: ...
+
+
+class EngineJob:
+    """One request's life in an engine, local or remote: its state, its listener and the future `wait()` returns.
+
+    The engine decides positions and cancelling; this class only reports them and finishes once.
+    """
+
+    def __init__(self, engine: _JobQueue, job_id: str, request: GenerationRequest, listener: Listener | None):
+        self.id = job_id
+        self.request = request
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self._engine = engine
+        self._listener = listener
+        self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
+        # Nobody need await a job (fire-and-forget submit): never warn "exception was never retrieved".
+        self._future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    @property
+    def position(self) -> int:
+        """0 while running or finished; 1 = next in line."""
+        return self._engine._position(self)
+
+    def cancel(self) -> bool:
+        """Cancel this job. True if it was still queued or running."""
+        return self._engine._cancel(self)
+
+    async def wait(self) -> GenerationResult:
+        return await asyncio.shield(self._future)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def _emit(self, event: JobEvent) -> None:
+        if self._listener is None:
+            return
+        try:
+            self._listener(event)
+        except Exception:  # a broken listener must not take the engine down
+            log.exception("job listener failed job=%s event=%s", self.id, event.kind)
+
+    def _finish(self, state: JobState, result: GenerationResult | None = None, error: str | None = None) -> None:
+        if self._future.done():
+            return
+        self.state = state
+        self.error = error
+        if state is JobState.DONE:
+            self._future.set_result(result)  # type: ignore[arg-type]  # DONE always comes with its result
+            self._emit(JobEvent(self.id, "done"))
+        elif state is JobState.CANCELLED:
+            self._future.set_exception(JobCancelled("cancelled"))
+            self._emit(JobEvent(self.id, "cancelled"))
+        else:
+            self._future.set_exception(JobFailed(error or "generation failed"))
+            self._emit(JobEvent(self.id, "failed", error=error))
 
 
 @dataclass

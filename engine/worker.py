@@ -24,12 +24,14 @@ from typing import Callable, Protocol
 from engine.jobs import (
     EngineClosed,
     EngineInfo,
+    EngineJob,
     GenerationRequest,
     GenerationResult,
     JobCancelled,
     JobEvent,
     JobFailed,
     JobState,
+    Listener,
     QueueFull,
     RequestRefusal,
     RequestRefused,
@@ -37,8 +39,6 @@ from engine.jobs import (
 from engine.size_cost import SizeCost, largest_like
 
 log = logging.getLogger(__name__)
-
-Listener = Callable[[JobEvent], None]
 
 
 class StepCallback(Protocol):
@@ -63,59 +63,12 @@ class _StopRequested(Exception):
     """Raised inside the executor at a step boundary when a running job was cancelled."""
 
 
-class Job:
+class Job(EngineJob):
     """One request's life in the engine. Create through Engine.submit."""
 
     def __init__(self, engine: "Engine", job_id: str, request: GenerationRequest, listener: Listener | None):
-        self.id = job_id
-        self.request = request
-        self.state = JobState.QUEUED
-        self.error: str | None = None
-        self._engine = engine
-        self._listener = listener
-        self._stop = threading.Event()
-        self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
-        # Nobody need await a job (fire-and-forget submit): never warn "exception was never retrieved".
-        self._future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    @property
-    def position(self) -> int:
-        """0 while running or finished; 1 = next in line."""
-        return self._engine._position(self)
-
-    def cancel(self) -> bool:
-        """Cancel this job. True if it was still queued or running."""
-        return self._engine._cancel(self)
-
-    async def wait(self) -> GenerationResult:
-        return await asyncio.shield(self._future)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def _emit(self, event: JobEvent) -> None:
-        if self._listener is None:
-            return
-        try:
-            self._listener(event)
-        except Exception:  # a broken listener must not take the engine down
-            log.exception("job listener failed job=%s event=%s", self.id, event.kind)
-
-    def _finish(self, state: JobState, result: GenerationResult | None = None, error: str | None = None) -> None:
-        if self._future.done():
-            return
-        self.state = state
-        self.error = error
-        if state is JobState.DONE:
-            assert result is not None
-            self._future.set_result(result)
-            self._emit(JobEvent(self.id, "done"))
-        elif state is JobState.CANCELLED:
-            self._future.set_exception(JobCancelled("cancelled"))
-            self._emit(JobEvent(self.id, "cancelled"))
-        else:
-            self._future.set_exception(JobFailed(error or "generation failed"))
-            self._emit(JobEvent(self.id, "failed", error=error))
+        super().__init__(engine, job_id, request, listener)
+        self._stop = threading.Event()  # set by a cancel or a stop; the GPU thread stops at the next step
 
 
 class Engine:

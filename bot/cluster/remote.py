@@ -35,19 +35,17 @@ from engine.jobs import (
     EngineClosed,
     EngineError,
     EngineInfo,
+    EngineJob,
     GenerationRequest,
     GenerationResult,
-    JobCancelled,
     JobEvent,
-    JobFailed,
     JobState,
+    Listener,
     RequestRefusal,
     RequestRefused,
 )
 
 log = logging.getLogger(__name__)
-
-Listener = Callable[[JobEvent], None]
 
 ORPHAN_GRACE = 60.0
 """Seconds a result for a job this bot does not follow is kept unacknowledged (a restarted bot re-submits its
@@ -57,56 +55,13 @@ KEEP_AFTER_DELIVERY = 300.0
 KNOWN_WORKER_SECONDS = 86400.0
 
 
-class RemoteJob:
+class RemoteJob(EngineJob):
     """A job as the bot follows it; the same surface as engine.worker.Job."""
 
     def __init__(self, engine: "RemoteEngine", job_id: str, request: GenerationRequest, listener: Listener | None):
-        self.id = job_id
-        self.request = request
-        self.state = JobState.QUEUED
-        self.error: str | None = None
+        super().__init__(engine, job_id, request, listener)
         self.token = 0  # the newest attempt seen; older attempts' events are stale
         self.worker: str | None = None
-        self._engine = engine
-        self._listener = listener
-        self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
-        self._future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    @property
-    def position(self) -> int:
-        return self._engine._position(self)
-
-    def cancel(self) -> bool:
-        return self._engine._cancel(self)
-
-    async def wait(self) -> GenerationResult:
-        return await asyncio.shield(self._future)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def _emit(self, event: JobEvent) -> None:
-        if self._listener is None:
-            return
-        try:
-            self._listener(event)
-        except Exception:
-            log.exception("job listener failed job=%s event=%s", self.id, event.kind)
-
-    def _finish(self, state: JobState, result: GenerationResult | None = None, error: str | None = None) -> None:
-        if self._future.done():
-            return
-        self.state = state
-        self.error = error
-        if state is JobState.DONE:
-            self._future.set_result(result)  # type: ignore[arg-type]
-            self._emit(JobEvent(self.id, "done"))
-        elif state is JobState.CANCELLED:
-            self._future.set_exception(JobCancelled("cancelled"))
-            self._emit(JobEvent(self.id, "cancelled"))
-        else:
-            self._future.set_exception(JobFailed(error or "generation failed"))
-            self._emit(JobEvent(self.id, "failed", error=error))
 
 
 class RemoteEngine:
