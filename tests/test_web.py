@@ -247,16 +247,38 @@ def test_bad_input_gets_the_chats_own_message(drawn, prompt, seed):
     assert text == str(expected.value)
 
 
-def test_same_seed_draws_the_picture_again_and_cancel_stops_a_new_seed(drawn):
+def test_same_seed_draws_the_picture_again_and_cancel_stops_a_new_seed(bot, drawn):
     _, page, job_id, _ = drawn
     page.locator("#again").click()
     wait_until(lambda: page.locator("#picture figure").get_attribute("data-job") not in (None, job_id)
                and picture_loaded(page), 120, "the same-seed picture")
     assert page.locator("#picture figure").get_attribute("data-seed") == "7"
+    # Two other users' long pictures go first, so the new-seed job is certainly still waiting when Cancel is pressed
+    # (a 30-step 64² picture alone can finish before the click lands on a fast machine).
+    others = hold_the_queue(bot)
     page.locator("#reroll").click()
     wait_until(lambda: status(page).startswith(("Got it", "Starting", "Drawing")), 30, "the new-seed job")
     page.locator("#cancel").click()
     wait_until(lambda: status(page) == "Cancelled.", 60, "the cancel")
+    for job in others:
+        job.result(timeout=180)
+
+
+def queued_or_running(bot: Bot, prompt: str) -> bool:
+    with sqlite3.connect(bot.database, timeout=10) as db:
+        row = db.execute("SELECT status FROM jobs WHERE prompt = ?", (prompt,)).fetchone()
+    return row is not None and row[0] in ("queued", "running")
+
+
+def hold_the_queue(bot: Bot, tag: str = "busy") -> list:
+    """Two other users' 50-step pictures, submitted through the Gradio client and seen in the store."""
+    from gradio_client import Client
+
+    prompts = [f"a {tag} fox {n}" for n in (1, 2)]
+    jobs = [Client(bot.url, verbose=False).submit(prompt, n, 50, api_name="/draw")
+            for n, prompt in enumerate(prompts, 1)]
+    wait_until(lambda: all(queued_or_running(bot, prompt) for prompt in prompts), 60, "the other users' pictures")
+    return jobs
 
 
 def test_the_gradio_client_draws_with_the_same_rules(bot, drawn):
@@ -271,15 +293,9 @@ def test_the_gradio_client_draws_with_the_same_rules(bot, drawn):
         client.predict("", 7, 4, api_name="/draw")
     # Same limits as chat: max_active_per_user = 1 here, so a second picture while one waits is refused. Two other
     # users' long pictures go first, so this user's picture is certainly still waiting when the second one comes.
-    others = [Client(bot.url, verbose=False).submit(f"a busy fox {n}", n, 50, api_name="/draw") for n in (1, 2)]
+    others = hold_the_queue(bot, "patient")
     first = client.submit("a slow fox", 1, 30, api_name="/draw")
-
-    def waiting(prompt: str) -> bool:
-        with sqlite3.connect(bot.database, timeout=10) as db:
-            row = db.execute("SELECT status FROM jobs WHERE prompt = ?", (prompt,)).fetchone()
-        return row is not None and row[0] in ("queued", "running")
-
-    wait_until(lambda: waiting("a slow fox"), 60, "the first picture in the queue")
+    wait_until(lambda: queued_or_running(bot, "a slow fox"), 60, "the first picture in the queue")
     with pytest.raises(AppError, match="waiting or drawing"):
         client.predict("one more", 2, 4, api_name="/draw")
     for job in (*others, first):
