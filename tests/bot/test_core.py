@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 
 import pytest
 from PIL import Image
@@ -276,9 +277,25 @@ async def test_admin_bans_and_unbans_from_chat_and_others_cannot(tiny_settings, 
 # -- the engine fed from the store's queue (issue 17) -----------------------------------------------------------------
 
 
+class HeldPipeline:
+    """The real tiny pipeline, whose pictures wait (in the engine's thread) until the test releases them."""
+
+    def __init__(self, pipeline) -> None:
+        self._pipeline = pipeline
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def generate(self, request, on_step):
+        self.release.wait(timeout=60)
+        return self._pipeline.generate(request, on_step)
+
+
 async def test_every_acknowledged_picture_is_delivered_with_a_small_engine_queue(tiny_settings, store, tiny_pipeline):
     """engine.max_queue 2, limits.queue_cap 50: all 12 accepted pictures are drawn, in order, none refused later."""
-    small = Engine(lambda: tiny_pipeline, max_queue=2)
+    held = HeldPipeline(tiny_pipeline)  # nothing finishes before all 12 are acknowledged, however busy the CPU
+    small = Engine(lambda: held, max_queue=2)
     await small.start()
     try:
         core = core_for(make_config(tiny_settings, max_active_per_user=50), store, small)
@@ -289,12 +306,14 @@ async def test_every_acknowledged_picture_is_delivered_with_a_small_engine_queue
         assert len(acks) == 12
         # Places in the store's queue, beyond the engine's 2: the last one heard it has (at least) 9 ahead.
         assert any(f"#{n} in the queue" in acks[-1] for n in range(10, 13)), acks[-1]
+        held.release.set()
         await core.drain()
         assert not [t for t in conv.texts() if "failed" in t]
         assert len(conv.pictures) == 12
         assert [p.caption.split("\n")[0] for p in conv.pictures] == [f"picture {n}" for n in range(12)]
         assert [r.status for r in await store.history("console", "alice", 20)] == ["done"] * 12
     finally:
+        held.release.set()
         await small.close(timeout=30)
 
 
@@ -304,7 +323,7 @@ async def test_cancel_reaches_jobs_that_are_only_in_the_store(tiny_settings, sto
     await core.on_text(ALICE, first, "/draw long one --steps 50 --size 512x512")
     for n in range(3):
         await core.on_text(BOB, mine, f"/draw waiting {n}")
-    assert sum(1 for live in core._live.values() if live.engine_job is None) >= 2  # not all handed to the engine
+    assert sum(1 for live in core.state.live.values() if live.engine_job is None) >= 2  # not all handed to the engine
     await core.cancel(BOB, mine)
     assert mine.texts()[-1] == "Cancelled 3 pictures."
     await core.cancel(ALICE, first)
