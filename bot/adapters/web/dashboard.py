@@ -13,11 +13,13 @@ import psutil
 
 from bot import replies
 from bot.adapters.web.drawing import web_user
+from bot.adapters.web.page import HIDDEN
 from bot.adapters.web.pictures import gallery_html
+from bot.chat import User
 from bot.core import ChatCore
 
 
-def _admin(request: gr.Request):
+def _admin(request: gr.Request) -> User:
     user_id = getattr(request, "username", None) or ""
     if not user_id.startswith("@"):
         raise gr.Error("The dashboard is for admins: log in with the admin password.")
@@ -65,16 +67,20 @@ def limits_text(core: ChatCore) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {html.escape(v)} |" for k, v in rows)])
 
 
+Rows = list[list[object]]
+"""A table's rows for `gr.Dataframe`."""
+
+
 def build_dashboard(core: ChatCore) -> gr.Blocks:
     store = core.store
 
-    async def refresh(request: gr.Request):
+    async def refresh(request: gr.Request) -> tuple[str, Rows, Rows, str, str]:
         _admin(request)
         now = time.time()
-        queue = [[r.id, f"{r.platform}:{r.user_id}", r.status, replies.short(r.prompt, 60), r.steps,
+        queue: Rows = [[r.id, f"{r.platform}:{r.user_id}", r.status, replies.short(r.prompt, 60), r.steps,
                   f"{r.width}×{r.height}", replies.relative_time(r.created_at, now)]
                  for r in await store.active_jobs()]
-        users = [[f"{u.platform}:{u.user_id}", u.last_day, u.total, u.active, "banned" if u.banned else "",
+        users: Rows = [[f"{u.platform}:{u.user_id}", u.last_day, u.total, u.active, "banned" if u.banned else "",
                   replies.relative_time(u.last_at, now)] for u in await store.user_overview()]
         recent = gallery_html(await store.recent_jobs(12), empty="No pictures yet.", owner=True)
         return (await engine_state(core), queue or [["", "", "", "(the queue is empty)", "", "", ""]], users,
@@ -123,13 +129,12 @@ def build_dashboard(core: ChatCore) -> gr.Blocks:
         refresh_button = gr.Button("Refresh")
         timer = gr.Timer(5)
 
-        private = {"api_visibility": "private"}
         views = [engine, queue, users, recent, limits]
-        dashboard.load(refresh, None, views, **private)
-        refresh_button.click(refresh, None, views, **private)
-        timer.tick(refresh, None, views, **private)
-        cancel_button.click(cancel, [job_id], [outcome], **private).then(refresh, None, views, **private)
-        ban_button.click(ban, [target], [outcome], **private).then(refresh, None, views, **private)
-        unban_button.click(unban, [target], [outcome], **private).then(refresh, None, views, **private)
+        dashboard.load(refresh, None, views, **HIDDEN)
+        refresh_button.click(refresh, None, views, **HIDDEN)
+        timer.tick(refresh, None, views, **HIDDEN)
+        cancel_button.click(cancel, [job_id], [outcome], **HIDDEN).then(refresh, None, views, **HIDDEN)
+        ban_button.click(ban, [target], [outcome], **HIDDEN).then(refresh, None, views, **HIDDEN)
+        unban_button.click(unban, [target], [outcome], **HIDDEN).then(refresh, None, views, **HIDDEN)
     dashboard.queue(default_concurrency_limit=None)
     return dashboard

@@ -51,7 +51,8 @@ class WebDrawing:
         records = await self.core.store.history(user.platform, user.id, 1)
         return records[0].id if records else None
 
-    async def draw(self, user: User, prompt: str, seed, steps, size: str | None) -> AsyncIterator[Update]:
+    async def draw(self, user: User, prompt: str, seed: float | int | str | None, steps: float | None,
+                   size: str | None) -> AsyncIterator[Update]:
         feed = Feed()
         conv = WebConversation(user.id, self.inbox, feed)
         before = await self._newest(user)

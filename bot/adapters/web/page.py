@@ -12,13 +12,16 @@ from __future__ import annotations
 import html
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, Literal, TypedDict
 
 import gradio as gr
 
 from bot import replies
 from bot.adapters.web.drawing import SIZES, Update, WebDrawing, web_user
 from bot.adapters.web.pictures import gallery_html, picture_html
+from bot.chat import User
 from bot.commands import SIZE_PRESETS
 from bot.config import Config
 
@@ -32,13 +35,25 @@ CSS = """
 """
 
 
+class Hidden(TypedDict):
+    api_visibility: Literal["private"]
+
+
+HIDDEN: Hidden = {"api_visibility": "private"}
+"""Keyword arguments of a page event that must not be an API endpoint (a TypedDict, so the type checker checks the
+keyword and its value against Gradio's signature)."""
+
+# What a page handler returns for (status, picture, last job); `gr.skip()` (a dict) leaves a component as it is.
+Shown = tuple[str, str | dict[str, Any], str | dict[str, Any]]
+
+
 def theme() -> gr.themes.Base:
     # System fonts: the default theme would fetch Google Fonts on every page load (privacy, offline PCs).
     return gr.themes.Default(font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
                              font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
 
 
-def _user(request: gr.Request):
+def _user(request: gr.Request) -> User:
     user_id = getattr(request, "username", None)
     if not user_id:
         raise gr.Error("Your session has expired; reload the page.")
@@ -57,30 +72,31 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
         top = "".join(f'<p class="drawbot-notice">{html.escape(n)}</p>' for n in notices[-2:])
         return top + gallery_html(jobs, empty="You have no pictures yet: describe one above and press Draw.")
 
-    def shown(update: Update) -> tuple[str, str, str | None]:
+    def shown(update: Update) -> Shown:
         picture = picture_html(update.job, notice) if update.job is not None and update.final else gr.skip()
         return update.text, picture, (update.job.id if update.job is not None else gr.skip())
 
-    async def draw_on_page(prompt: str, seed, steps, size: str, request: gr.Request):
+    async def draw_on_page(prompt: str, seed: float | None, steps: float | None, size: str,
+                           request: gr.Request) -> AsyncIterator[Shown]:
         async for update in drawing.draw(_user(request), prompt, seed, steps, size):
             yield shown(update)
 
-    async def again(action: str, job_id: str | None, request: gr.Request):
+    async def again(action: str, job_id: str | None, request: gr.Request) -> AsyncIterator[Shown]:
         async for update in drawing.button(_user(request), action, job_id):
             yield shown(update)
 
-    async def reroll(job_id, request: gr.Request):
+    async def reroll(job_id: str | None, request: gr.Request) -> AsyncIterator[Shown]:
         async for out in again("reroll", job_id, request):
             yield out
 
-    async def same_seed(job_id, request: gr.Request):
+    async def same_seed(job_id: str | None, request: gr.Request) -> AsyncIterator[Shown]:
         async for out in again("again", job_id, request):
             yield out
 
     async def cancel(request: gr.Request) -> str:
         return await drawing.cancel(_user(request))
 
-    async def api_draw(prompt: str, seed, steps, request: gr.Request) -> str:
+    async def api_draw(prompt: str, seed: float | None, steps: float | None, request: gr.Request) -> str:
         """For gradio_client: the same draw, answered with the PNG file (or the core's refusal as an error)."""
         last = None
         async for update in drawing.draw(_user(request), prompt, seed, steps, SIZES):
@@ -121,18 +137,17 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
         api_file = gr.File(visible=False)
         api_button = gr.Button(visible=False)
 
-        private = {"api_visibility": "private"}
-        draw_button.click(draw_on_page, [prompt, seed, steps, size], [status, picture, last_job], **private).then(
-            history_of, None, [history], **private)
-        prompt.submit(draw_on_page, [prompt, seed, steps, size], [status, picture, last_job], **private).then(
-            history_of, None, [history], **private)
-        reroll_button.click(reroll, [last_job], [status, picture, last_job], **private).then(
-            history_of, None, [history], **private)
-        again_button.click(same_seed, [last_job], [status, picture, last_job], **private).then(
-            history_of, None, [history], **private)
-        cancel_button.click(cancel, None, [status], **private)
-        page.load(history_of, None, [history], **private)
-        timer.tick(history_of, None, [history], **private)
+        draw_button.click(draw_on_page, [prompt, seed, steps, size], [status, picture, last_job], **HIDDEN).then(
+            history_of, None, [history], **HIDDEN)
+        prompt.submit(draw_on_page, [prompt, seed, steps, size], [status, picture, last_job], **HIDDEN).then(
+            history_of, None, [history], **HIDDEN)
+        reroll_button.click(reroll, [last_job], [status, picture, last_job], **HIDDEN).then(
+            history_of, None, [history], **HIDDEN)
+        again_button.click(same_seed, [last_job], [status, picture, last_job], **HIDDEN).then(
+            history_of, None, [history], **HIDDEN)
+        cancel_button.click(cancel, None, [status], **HIDDEN)
+        page.load(history_of, None, [history], **HIDDEN)
+        timer.tick(history_of, None, [history], **HIDDEN)
         api_button.click(api_draw, [prompt, seed, steps], [api_file], api_name="draw")
     page.queue(default_concurrency_limit=None)  # the core queues and limits; Gradio must not serialise users
     return page

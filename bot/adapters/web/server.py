@@ -27,20 +27,24 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.requests import Request, cookie_parser
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.requests import HTTPConnection, Request, cookie_parser
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bot.adapters.web.access import WebAccess
 from bot.adapters.web.conversation import Inbox, WebConversation
 from bot.adapters.web.sessions import COOKIE, LOGIN_NAME, MAX_AGE, Sessions, Visitor, load_key
 from bot.core import ChatCore
+
+if TYPE_CHECKING:
+    import uvicorn  # imported when serving: it is not needed for the chats
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +64,13 @@ def _same_origin(origin: str, host: str | None) -> bool:
 class SessionLayer:
     """ASGI middleware: CSRF origin check, visitor from cookies, login/admin gates (see the module docstring)."""
 
-    def __init__(self, app, *, sessions: Sessions, access: WebAccess, on_admin: Callable[[Visitor], None]):
+    def __init__(self, app: ASGIApp, *, sessions: Sessions, access: WebAccess, on_admin: Callable[[Visitor], None]):
         self.app = app
         self.sessions = sessions
         self.access = access
         self.on_admin = on_admin
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -115,7 +119,7 @@ class SessionLayer:
         if visitor is not None and visitor.is_admin:
             self.on_admin(visitor)
 
-        async def send_with_cookie(message: dict[str, Any]) -> None:
+        async def send_with_cookie(message: Message) -> None:
             if new_cookie is not None and message["type"] == "http.response.start":
                 message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", new_cookie)])
             await send(message)
@@ -123,14 +127,14 @@ class SessionLayer:
         await self.app(scope, receive, send_with_cookie)
 
     @staticmethod
-    async def _refuse(scope, receive, send, response) -> None:
+    async def _refuse(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await response(scope, receive, send)
 
 
-def visitor_of(request) -> Visitor | None:
+def visitor_of(request: HTTPConnection) -> Visitor | None:
     return request.scope.get("state", {}).get("drawbot_visitor")
 
 
@@ -159,7 +163,7 @@ class WebPlatform:
         self.outlives_others = not companion
         """False when the page only accompanies the console (`make run`): the bot ends with the console."""
         self._say = say
-        self._server = None
+        self._server: uvicorn.Server | None = None
         self._stopped = asyncio.Event()
         self._api_dir: Path | None = None
         self.port: int | None = None
@@ -168,7 +172,7 @@ class WebPlatform:
         return WebConversation(str(ref.get("user", "")), self.inbox)
 
     # -- the HTTP side -----------------------------------------------------------------------------------------------
-    def build_app(self):
+    def build_app(self) -> SessionLayer:
         """The ASGI app: our routes, the dashboard and the page mounted, all behind `SessionLayer`."""
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         import gradio as gr
@@ -194,11 +198,11 @@ class WebPlatform:
             return value if value.startswith("/") and not value.startswith("//") else "/"
 
         @app.get("/login")
-        async def login_form(request: Request):
+        async def login_form(request: Request) -> Response:
             return login_page(next_path=safe_next(request.query_params.get("next")))
 
         @app.post("/login")
-        async def login(request: Request):
+        async def login(request: Request) -> Response:
             form = await request.form()
             name, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
             next_path = safe_next(str(form.get("next", "/")))
@@ -220,29 +224,30 @@ class WebPlatform:
             return response
 
         @app.get("/logout")
-        async def logout():
+        async def logout() -> Response:
             response = RedirectResponse("/", 303)
             response.headers.append("set-cookie", _cookie_header(COOKIE, "", 0).decode())
             return response
 
         @app.get("/admin")
-        async def admin_slash():
+        async def admin_slash() -> Response:
             return RedirectResponse("/admin/", 307)  # else the page mounted at / would answer (404)
 
         @app.get("/picture/{job_id}.png")
-        async def picture(request: Request):
+        async def picture(request: Request) -> Response:
             return await serve_picture(request, self.core.store, visitor_of(request))
 
-        def user_of(request) -> str | None:
+        def user_of(request: Request) -> str | None:
             visitor = visitor_of(request)
             return None if visitor is None else visitor.user_id
 
-        blocked = [str(self.state_dir.resolve())]
-        common: dict[str, Any] = dict(auth_dependency=user_of, blocked_paths=blocked, allowed_paths=[],
-                                      theme=theme(), css=CSS, footer_links=["api"])
-        gr.mount_gradio_app(app, build_dashboard(self.core), path="/admin", **common)
-        drawing = WebDrawing(self.core, self.inbox)
-        gr.mount_gradio_app(app, build_page(drawing, self.core.config, self._api_dir), path="/", **common)
+        def mount(blocks: gr.Blocks, path: str) -> None:
+            gr.mount_gradio_app(app, blocks, path=path, auth_dependency=user_of,
+                                blocked_paths=[str(self.state_dir.resolve())], allowed_paths=[], theme=theme(),
+                                css=CSS, footer_links=["api"])
+
+        mount(build_dashboard(self.core), "/admin")
+        mount(build_page(WebDrawing(self.core, self.inbox), self.core.config, self._api_dir), "/")
         return SessionLayer(app, sessions=sessions, access=access,
                             on_admin=lambda v: self.core.grant_admin(f"web:{v.user_id}"))
 
@@ -294,18 +299,18 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server_class():
+def _server_class() -> type[uvicorn.Server]:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn inside the bot: the bot's runner owns SIGTERM/SIGINT, so uvicorn must not capture them."""
 
         @contextlib.contextmanager
-        def capture_signals(self):
+        def capture_signals(self) -> Iterator[None]:
             yield
 
     return Server
 
 
-def _Server(config):
+def _Server(config: uvicorn.Config) -> uvicorn.Server:
     return _server_class()(config)

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def load_key(state_dir: Path) -> bytes:
 
 
 class Sessions:
-    def __init__(self, key: bytes, *, clock=time.time):
+    def __init__(self, key: bytes, *, clock: Callable[[], float] = time.time):
         self._key = key
         self._clock = clock
 
