@@ -10,8 +10,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
 from bot.cluster.settings import ClusterSettings
@@ -119,6 +120,19 @@ class DiscordSettings(_Section):
     dev_guild: int | None = None
     """Sync commands to this guild only (instant, for development)."""
     progress_interval: float = Field(default=2.0, ge=1.0)
+    api_base_url: str = "https://discord.com/api/v10"
+    """Discord's REST API, version included (another only for a proxy, or a test's fake Discord)."""
+    gateway_url: str = "wss://gateway.discord.gg/"
+    """Discord's gateway (websocket) URL."""
+
+    @field_validator("api_base_url", "gateway_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        schemes = ("https", "http") if info.field_name == "api_base_url" else ("wss", "ws")
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError(f"{value!r} should be a URL starting with {schemes[0]}:// or {schemes[1]}://")
+        return value
 
 
 class ConsoleSettings(_Section):

@@ -16,7 +16,7 @@ from pathlib import Path
 import discord
 import pytest
 
-from bot.adapters.discord import FAKE_PORT_ENV, DiscordPlatform
+from bot.adapters.discord import DiscordPlatform
 from bot.config import Config, DiscordSettings, LimitSettings, StorageSettings
 from bot.core import ChatCore
 from bot.store import Store
@@ -61,18 +61,13 @@ def assert_nothing_could_ping_the_crowd(fake: FakeDiscord) -> None:
 
 
 @pytest.fixture
-async def world(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[World]:
+async def world(discord_urls: None, tmp_path: Path) -> AsyncIterator[World]:
     async with FakeDiscord() as fake:
         alice = fake.add_user("alice")
         bob = fake.add_user("bob")
         guild = fake.add_guild("Art Club", channels=("general",))
         fake.add_member(guild, alice)
         fake.add_member(guild, bob)
-        # The switch under test rewrites discord.py's URLs for the process; put them back after the test.
-        monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-        monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                            discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-        monkeypatch.setenv(FAKE_PORT_ENV, str(fake.port))
         yield World(fake, guild, guild.channel("general"), alice, bob, tmp_path / "state")
         assert_nothing_could_ping_the_crowd(fake)
 
@@ -118,7 +113,8 @@ def make_config(tiny_settings, world: World, **discord_settings) -> Config:
         limits=LimitSettings(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0,
                              admins=[f"discord:{world.alice.id}"]),
         storage=StorageSettings(state_dir=world.state_dir),
-        discord=DiscordSettings(progress_interval=1.0, **discord_settings),
+        discord=DiscordSettings(progress_interval=1.0, api_base_url=world.fake.api_base,
+                                gateway_url=world.fake.gateway_url, **discord_settings),
     )
 
 

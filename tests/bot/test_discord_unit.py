@@ -21,15 +21,16 @@ import discord
 import pytest
 from discord import app_commands
 
-from bot.adapters.discord import FAKE_PORT_ENV, ConversationRef, DiscordMarkdown, DiscordPlatform, point_at_fake_discord
+from bot.adapters.discord import ConversationRef, DiscordMarkdown, DiscordPlatform
 from bot.adapters.discord.buttons import JobButton, job_view
 from bot.adapters.discord.commands import CommandSettings, build_tree
 from bot.adapters.discord.conversation import TOKEN_SAFE_SECONDS, TokenExpired
 from bot.adapters.discord.handlers import ADMINS_ONLY, NOT_IN_THIS_CHANNEL, NOT_IN_THIS_SERVER
+from bot.adapters.discord.platform import use_endpoints
 from bot.adapters.discord.sync import SyncState, command_payload, payload_hash
 from bot.chat import Button, Picture
 from bot.commands import SEED_MAX, size_for_ratio
-from bot.config import Config, DiscordSettings, LimitSettings, StorageSettings
+from bot.config import Config, ConfigError, DiscordSettings, LimitSettings, StorageSettings, load_config
 from bot.core import ChatCore
 from bot.store import Store
 from engine.jobs import GenerationRequest, JobCancelled, JobEvent, JobState
@@ -131,25 +132,16 @@ async def call_tree(tree: app_commands.CommandTree, interaction: discord.Interac
         await tree._dispatch_error(interaction, error)
 
 
-def make_config(state_dir: Path, *, admins: list[str], **discord_settings) -> Config:
+def make_config(state_dir: Path, fake: FakeDiscord, *, admins: list[str], **discord_settings) -> Config:
     return Config(
         limits=LimitSettings(cooldown_seconds=0, max_active_per_user=5, per_hour=30, per_day=0, admins=admins),
         storage=StorageSettings(state_dir=state_dir),
-        discord=DiscordSettings(**discord_settings),
+        discord=DiscordSettings(api_base_url=fake.api_base, gateway_url=fake.gateway_url, **discord_settings),
     )
 
 
-
 @pytest.fixture
-def discord_urls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Put back the process-wide URLs that the fake-Discord switch rewrites."""
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-
-
-@pytest.fixture
-async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, discord_urls) -> AsyncIterator:
+async def make_rig(tmp_path: Path, discord_urls: None) -> AsyncIterator:
     """`await make_rig(**discord_settings)`: fake Discord + store + core + logged-in platform (torn down after)."""
     stack: list = []
 
@@ -160,11 +152,10 @@ async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, discord_urls
         alice, bob = fake.add_user("alice"), fake.add_user("bob")
         guild = fake.add_guild("Art Club", owner=alice, channels=("general",))
         fake.add_member(guild, bob)
-        monkeypatch.setenv(FAKE_PORT_ENV, str(fake.port))
         store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
         stack.append(store.close)
         engine = HeldEngine()
-        core = ChatCore(make_config(tmp_path / "state", admins=[f"discord:{alice.id}"], **discord_settings),
+        core = ChatCore(make_config(tmp_path / "state", fake, admins=[f"discord:{alice.id}"], **discord_settings),
                         store, engine, delivery_backoff=0.01, random_seed=lambda: 4242,
                         feed_ahead=100)  # the held engine never starts a job: let it hold every one
         platform = DiscordPlatform(core, core.config.discord, fake.token)
@@ -487,19 +478,30 @@ def test_markdown_code_and_bold():
     assert m.bold("Your *last* pictures") == "**Your \\*last\\* pictures**"
 
 
-def test_fake_discord_switch_is_inert_unless_set(discord_urls, caplog):
-    base, gateway = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
-    assert point_at_fake_discord({}) is None and point_at_fake_discord({FAKE_PORT_ENV: " "}) is None
-    assert (discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == (base, gateway)
-    for bad in ("abc", "0", "70000", "-1"):
-        with pytest.raises(ValueError, match=FAKE_PORT_ENV):
-            point_at_fake_discord({FAKE_PORT_ENV: bad})
-    assert discord.http.Route.BASE == base
-    with caplog.at_level(logging.WARNING):
-        assert point_at_fake_discord({FAKE_PORT_ENV: "4321"}) == 4321
+def test_discord_py_talks_to_the_configured_endpoints(discord_urls, caplog):
+    defaults = DiscordSettings()
+    with caplog.at_level(logging.INFO, logger="bot.adapters.discord.platform"):
+        use_endpoints(defaults)
+    assert discord.http.Route.BASE == "https://discord.com/api/v10"
+    assert str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == "wss://gateway.discord.gg/"
+    assert not caplog.records  # Discord's own endpoints go unmentioned
+    with caplog.at_level(logging.INFO, logger="bot.adapters.discord.platform"):
+        use_endpoints(DiscordSettings(api_base_url="http://127.0.0.1:4321/api/v10/",
+                                      gateway_url="ws://127.0.0.1:4321/gateway"))
     assert discord.http.Route.BASE == "http://127.0.0.1:4321/api/v10"
     assert str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == "ws://127.0.0.1:4321/gateway"
-    assert any("FAKE Discord" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert any("127.0.0.1:4321" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("key", "value"), [("api_base_url", "discord.com/api/v10"),
+                                            ("api_base_url", "wss://gateway.discord.gg/"),
+                                            ("gateway_url", "https://discord.com/api/v10"),
+                                            ("gateway_url", "ws://")])
+def test_an_endpoint_that_is_not_a_url_of_its_kind_is_refused_at_start_up(tmp_path, key, value):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[discord]\n{key} = "{value}"\n')
+    with pytest.raises(ConfigError, match=rf"\[discord\].{key}.*should be a URL starting with"):
+        load_config(path)
 
 
 def test_command_hash_changes_only_with_the_command_set(tmp_path):

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,30 +36,20 @@ from bot.core import ChatCore
 
 log = logging.getLogger(__name__)
 
-FAKE_PORT_ENV = "DRAWBOT_FAKE_DISCORD_PORT"
-
-
 class DiscordLoginError(TokenRefused):
     """Discord refused the bot token (worded for the owner; the token itself is never shown)."""
 
 
-def point_at_fake_discord(environ: Mapping[str, str]) -> int | None:
-    """The test-only switch: with DRAWBOT_FAKE_DISCORD_PORT set, discord.py talks to a fake Discord on loopback.
+def use_endpoints(settings: DiscordSettings) -> None:
+    """Point discord.py at `[discord].api_base_url` and `gateway_url` (Discord's own by default).
 
-    Unset (production), it does nothing. Set, it changes discord.py's REST base and gateway URL for the whole
-    process, and says so loudly. Returns the port, or None when the switch is off.
+    discord.py keeps both in class attributes, so this holds for the whole process (one bot, one Discord).
     """
-    raw = environ.get(FAKE_PORT_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
-        raise ValueError(f"{FAKE_PORT_ENV} must be a port number (1-65535), got {raw!r}; unset it to use Discord")
-    port = int(raw)
-    discord.http.Route.BASE = f"http://127.0.0.1:{port}/api/v10"
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(f"ws://127.0.0.1:{port}/gateway")
-    log.warning("%s=%d is set: talking to a FAKE Discord on 127.0.0.1:%d, not to discord.com. This is for tests "
-                "only; unset it to go online.", FAKE_PORT_ENV, port, port)
-    return port
+    discord.http.Route.BASE = settings.api_base_url.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
+    defaults = DiscordSettings()
+    if (settings.api_base_url, settings.gateway_url) != (defaults.api_base_url, defaults.gateway_url):
+        log.info("Discord endpoints from the config: %s and %s", settings.api_base_url, settings.gateway_url)
 
 
 class DrawbotClient(discord.Client):
@@ -88,14 +77,13 @@ class DiscordPlatform:
     name = "discord"
 
     def __init__(self, core: ChatCore, settings: DiscordSettings, token: str, *, state_dir: Path | None = None,
-                 clock: Callable[[], float] = time.time, environ: Mapping[str, str] | None = None,
-                 **client_options: Any) -> None:
+                 clock: Callable[[], float] = time.time, **client_options: Any) -> None:
         """`client_options` go to `discord.Client` (tests pass a short `guild_ready_timeout`)."""
         self.core = core
         self.settings = settings
         self._token = token
         self._clock = clock
-        self.fake_port = point_at_fake_discord(os.environ if environ is None else environ)
+        use_endpoints(settings)
         self.handlers = DiscordHandlers(core, settings, self, clock=clock)
         self.client = DrawbotClient(self.handlers, self.sync_commands, **client_options)
         engine, limits = core.config.engine, core.config.limits
