@@ -13,9 +13,11 @@ from tqdm import tqdm
 
 from bot.commands import SEED_MAX, DrawRules, UsageError, validate_draw
 from bot.config import Config
+from bot.engine_setup import EngineSetupError, choose_model, start_engine
 from bot.replies import steps as steps_text
 from engine.jobs import EngineError, GenerationRequest, JobEvent
 from engine.png import SAVE_FORMATS, convert
+from engine.settings import EngineSettings
 
 
 
@@ -62,48 +64,32 @@ def draw(config: Config, args: argparse.Namespace) -> int:
     if not 0 <= seed <= SEED_MAX:
         print(f"drawbot: --seed must be 0..{SEED_MAX} or -1 for random (got {seed})", file=sys.stderr)
         return 2
+    settings = fall_back_to_tiny_if_needed(settings, explicit=bool(args.model))
     width = args.width or settings.width
     height = args.height or settings.height
     for name, value in (("--width", width), ("--height", height)):
         if not (64 <= value <= 2048 and value % 16 == 0):
             print(f"drawbot: {name} must be a multiple of 16 between 64 and 2048 (got {value})", file=sys.stderr)
             return 2
-    settings = fall_back_to_tiny_if_needed(settings, explicit=bool(args.model))
     request = GenerationRequest(prompt=prompt, seed=seed, steps=steps, width=width, height=height)
-    return asyncio.run(_draw(settings, request, args.output))
+    return asyncio.run(_draw(config, settings, request, args.output))
 
 
-# What "no weights" falls back to. The tiny model is 1.4 MB: keeping it resident is fastest on a CPU or a GPU
-# (streaming only pays off for weights that do not fit).
-TINY_FALLBACK = {"model": "tiny", "mode": "resident"}
-
-
-def fall_back_to_tiny_if_needed(settings, *, explicit: bool):
+def fall_back_to_tiny_if_needed(settings: EngineSettings, *, explicit: bool) -> EngineSettings:
     """No MajicFLUX files and no explicit choice: say so plainly and use the built-in tiny model."""
-    if settings.model != "majicflus" or explicit:
-        return settings
-    from engine import weights
-
-    if weights.real_model_files(settings.models_dir).dit.is_file():
-        return settings
-    print(
-        f"drawbot: no MajicFLUX weights under {settings.models_dir}/ - using the built-in tiny test model, "
-        "whose pictures are noise. Run `drawbot download` to fetch the real model (about 33 GB).",
-        file=sys.stderr,
-    )
-    return settings.model_copy(update=TINY_FALLBACK)
+    choice = choose_model(settings, explicit=explicit)
+    if choice.fell_back:
+        print(f"drawbot: no MajicFLUX weights under {settings.models_dir}/ - using the built-in tiny test model, "
+              "whose pictures are noise. Run `drawbot download` to fetch the real model (about 33 GB).",
+              file=sys.stderr)
+    return choice.settings
 
 
-async def _draw(settings, request: GenerationRequest, output) -> int:
-    from engine.pipeline import FluxPipeline
-    from engine.weights import WeightsError
-    from engine.worker import Engine
-
-    engine = Engine(lambda: FluxPipeline.load(settings))
-    try:
-        await engine.start()
-    except WeightsError as exc:
-        print(f"drawbot: {exc}", file=sys.stderr)
+async def _draw(config: Config, settings: EngineSettings, request: GenerationRequest, output: Path) -> int:
+    try:  # `drawbot draw` draws here, never through a cluster
+        engine = await start_engine(config, settings, say=say, cluster=False)
+    except EngineSetupError as exc:
+        say(str(exc))
         return 1
     bar = tqdm(total=request.steps, unit="step", desc="drawing", file=sys.stderr)
 

@@ -25,15 +25,13 @@ from bot.adapters.web.access import WebAccess
 from bot.chat import PlainMarkup, ServedPlatform, TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
-from bot.draw_command import TINY_FALLBACK
+from bot.engine_setup import EngineSetupError, choose_model, start_engine
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
 from bot.store import Store, StoreError, remove_all_temporaries
 
 if TYPE_CHECKING:
     from bot.adapters.console import ConsolePlatform
-    from bot.cluster.remote import RemoteEngine
-    from engine.worker import Engine
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +187,15 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     web_access, web_companion = choose_web(config, console_on, stdin if stdin is not None else sys.stdin)
     settings = config.engine.model_copy(update={"model": model_override}) if model_override else config.engine
     remote_only = config.cluster.enabled and not config.cluster.local_worker  # workers elsewhere hold the weights
-    if settings.model == "majicflus" and not model_override and not remote_only:
-        problems = weights.check(weights.real_model_files(settings.models_dir), fix="drawbot download")
-        if problems and (telegram_token or discord_token):
-            say("model files are not ready, so the bot cannot serve real users:\n  - " + "\n  - ".join(problems))
-            return 1
-        if problems:
-            say(f"no MajicFLUX weights under {settings.models_dir}/ and no chat tokens: starting the local console "
-                "chat with the built-in tiny test model, whose pictures are noise. Run `drawbot download` for the "
-                "real model and set DRAWBOT_TELEGRAM_TOKEN / DRAWBOT_DISCORD_TOKEN to go online.")
-            # Noise needs no detail: a small default size keeps the demo quick on a CPU.
-            settings = settings.model_copy(update={**TINY_FALLBACK, "width": min(settings.width, 256),
-                                                   "height": min(settings.height, 256)})
+    choice = choose_model(settings, explicit=bool(model_override) or remote_only)
+    if choice.fell_back and (telegram_token or discord_token):
+        say("model files are not ready, so the bot cannot serve real users:\n  - " + "\n  - ".join(choice.missing))
+        return 1
+    if choice.fell_back:
+        say(f"no MajicFLUX weights under {settings.models_dir}/ and no chat tokens: starting the local console "
+            "chat with the built-in tiny test model, whose pictures are noise. Run `drawbot download` for the "
+            "real model and set DRAWBOT_TELEGRAM_TOKEN / DRAWBOT_DISCORD_TOKEN to go online.")
+    settings = choice.settings
     config = config.model_copy(update={"engine": settings})
 
     storage = config.storage
@@ -212,36 +207,17 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     swept = remove_all_temporaries(storage.images_dir)  # we own the state dir: nobody else is mid-write
     if swept:
         log.info("removed %d half-written picture(s) left by an earlier stop", swept)
-    engine: Engine | RemoteEngine
+    try:
+        engine = await start_engine(config, settings, say=say)
+    except EngineSetupError as exc:
+        say(str(exc))
+        await store.close()
+        return exc.exit_code
     if config.cluster.enabled:
-        from bot.cluster.remote import ClusterSetupError, open_cluster_engine
-
-        say("[cluster]: publishing jobs to the drawing workers through Redis"
-            + (" (and drawing here too)" if config.cluster.local_worker else ""))
-        try:
-            engine = await open_cluster_engine(config)
-        except ClusterSetupError as exc:
-            say(f"config error: {exc}")
-            await store.close()
-            return 2
         tokenizer_dir = weights.real_model_files(settings.models_dir).tokenizer_2
     else:
-        from engine.pipeline import FluxPipeline, locate_model
-        from engine.worker import Engine
+        from engine.pipeline import locate_model
 
-        engine = Engine(lambda: FluxPipeline.load(settings), max_queue=settings.max_queue)
-        say(f"loading the {settings.model} model ({settings.mode} mode, device {settings.device})…")
-        try:
-            await engine.start()
-        except weights.WeightsError as exc:
-            say(str(exc))
-            await store.close()
-            return 1
-        except Exception as exc:  # no CUDA, out of memory while loading, ...: say it plainly, point at the doctor
-            say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what the bot needs.")
-            await engine.close(timeout=0)
-            await store.close()
-            return 1
         tokenizer_dir = locate_model(settings)[0].tokenizer_2
     metrics = metrics if metrics is not None else Metrics()
     metrics.track_queue(lambda: engine.queue_length)
