@@ -253,7 +253,42 @@ class PipeInput:
         os.close(self._write_fd)
 
 
-async def test_stop_timeout_leaves_the_running_picture_for_the_next_start(tmp_path, tiny_settings):
+class FirstPictureHeld:
+    """The real tiny pipeline; the first picture it is given stays at its first step until the engine stops it (the
+    engine's stop check, `on_step(0, total)`, is called while it waits), so the stop window never races the CPU."""
+
+    def __init__(self, pipeline) -> None:
+        self._pipeline = pipeline
+        self.held_once = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipeline, name)
+
+    def generate(self, request, on_step):
+        if self.held_once:
+            return self._pipeline.generate(request, on_step)
+        self.held_once = True
+
+        def held(done: int, total: int) -> None:
+            on_step(done, total)
+            while done == 1:  # left only by the engine's stop (it raises here)
+                time.sleep(0.01)
+                on_step(0, total)
+
+        return self._pipeline.generate(request, held)
+
+
+async def test_stop_timeout_leaves_the_running_picture_for_the_next_start(tmp_path, tiny_settings, monkeypatch):
+    from engine.pipeline import FluxPipeline
+
+    load = FluxPipeline.load
+    held = FirstPictureHeld(None)
+
+    def load_held(settings):
+        held._pipeline = held._pipeline or load(settings)
+        return held
+
+    monkeypatch.setattr(FluxPipeline, "load", staticmethod(load_held))
     config = Config(engine=tiny_settings, storage=StorageSettings(state_dir=tmp_path / "state"),
                     limits=LimitSettings(cooldown_seconds=0, per_hour=0, per_day=0),
                     console=ConsoleSettings(enabled=True, user="tester"))
