@@ -16,6 +16,15 @@ class TokenRefused(Exception):
     one-line message, which never holds the token)."""
 
 
+class Flooded(Exception):
+    """`Conversation.edit_text` was refused by the platform's flood control; try again after `retry_after` seconds.
+    The core's pacer (bot/core/pacing.py) waits that long and widens its interval; adapters only report it."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"flood control: retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class User:
     platform: str
@@ -92,7 +101,7 @@ class Conversation(Protocol):
 
     @property
     def progress_interval(self) -> float:
-        """Seconds between progress edits (platform flood limits)."""
+        """Seconds between progress edits of one message (the platform's flood limits); the core's pacer keeps it."""
 
     @property
     def typed_options(self) -> bool:
@@ -103,7 +112,9 @@ class Conversation(Protocol):
     async def send_text(self, text: str, *, buttons: list[Button] | None = None) -> str | None:
         """Send a message; returns its id (for later edits) or None."""
 
-    async def edit_text(self, message_id: str, text: str) -> None: ...
+    async def edit_text(self, message_id: str, text: str) -> None:
+        """Change a message. Raises `Flooded` when the platform asks to wait; other errors are logged by the core
+        (progress is best effort)."""
 
     async def send_picture(self, picture: Picture) -> str | None: ...
 

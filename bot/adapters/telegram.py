@@ -6,9 +6,9 @@ keyboards for buttons, the photo (plus the lossless PNG as a document when the p
 the `upload_photo` chat action, and flood control:
 
 - Sends go through PTB's `AIORateLimiter` and are retried after a 429 `retry_after` (`rate_limit_args`).
-- Progress edits are not retried (a late progress line is worthless): after a 429 the chat gets a quiet window of
-  `retry_after` seconds and a wider edit interval; the newest text per message is sent when the window ends, so the
-  message still ends on "Done.". Edit errors never reach the core; "message is not modified" is harmless.
+- Progress edits are not retried here (a late progress line is worthless): a 429 is reported to the core as
+  `Flooded(retry_after)`, and the core's pacer for that message waits, widens its interval and sends the newest text
+  when the window ends, so the message still ends on "Done.". "Message is not modified" is harmless.
 - Delivery errors (`send_picture`) propagate: the core retries with backoff and records the delivery once.
 
 The token is never logged: httpx's request log lines (which carry the URL, token included) are redacted while the
@@ -23,9 +23,7 @@ import html
 import io
 import logging
 import re
-import time
 import traceback
-from collections.abc import Awaitable
 from typing import Any
 
 from PIL import Image
@@ -51,7 +49,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot.chat import Button, Picture, TokenRefused, User
+from bot.chat import Button, Flooded, Picture, TokenRefused, User
 from bot.config import TelegramSettings
 from bot.core import ChatCore
 from engine.png import fit_for_upload
@@ -67,8 +65,6 @@ MAX_PHOTO_BYTES = 10 * 1024 * 1024
 MAX_PHOTO_SIDE_SUM = 10_000
 MAX_PHOTO_RATIO = 20
 
-MAX_PROGRESS_INTERVAL = 60.0
-"""Seconds: the widest a chat's edit interval grows after repeated 429s."""
 SEND_RETRIES = 3
 """Times a send is tried again after a 429, each after the `retry_after` Telegram asked for."""
 
@@ -168,28 +164,6 @@ class _RedactToken(logging.Filter):
         return True
 
 
-class _ChatPacer:
-    """Progress-edit pacing for one chat: the configured interval, widened after a 429, and a quiet window during
-    which edits wait; only the newest text per message is kept and sent when the window ends."""
-
-    def __init__(self, interval: float):
-        self.base = interval
-        self.interval = interval
-        self.quiet_until = 0.0
-        self.pending: dict[int, str] = {}
-        self.flusher: asyncio.Task | None = None
-
-    def quiet(self) -> bool:
-        return time.monotonic() < self.quiet_until
-
-    def flooded(self, retry_after: float) -> None:
-        self.quiet_until = max(self.quiet_until, time.monotonic() + retry_after)
-        self.interval = min(max(self.interval * 2, retry_after), MAX_PROGRESS_INTERVAL)
-
-    def edited(self) -> None:
-        self.interval = max(self.base, self.interval * 0.9)  # calm down slowly after a flood
-
-
 class TelegramConversation:
     """One chat (or forum topic) the bot answers in; replies quote the message that asked."""
 
@@ -210,7 +184,8 @@ class TelegramConversation:
 
     @property
     def progress_interval(self) -> float:
-        return self._owner.pacer(self.chat_id, self.chat_kind).interval
+        settings = self._owner.settings
+        return settings.progress_interval_private if self.chat_kind == "private" else settings.progress_interval_group
 
     def ref(self) -> dict:
         return {"chat_id": self.chat_id, "chat_kind": self.chat_kind, "thread_id": self.thread_id,
@@ -234,12 +209,16 @@ class TelegramConversation:
         return str(message.message_id)
 
     async def edit_text(self, message_id: str, text: str) -> None:
-        pacer = self._owner.pacer(self.chat_id, self.chat_kind)
-        if pacer.quiet():
-            pacer.pending[int(message_id)] = text
-            self._owner.flush_later(self.chat_id, pacer)
-            return
-        await self._owner.edit_now(self.chat_id, pacer, int(message_id), text)
+        """A progress edit, never retried here: a 429 is reported to the core's pacer as `Flooded`."""
+        bot = await self._owner.bot()
+        body, parse_mode = fit_text(text, MAX_TEXT_CHARS)
+        try:
+            await bot.edit_message_text(body, chat_id=self.chat_id, message_id=int(message_id), parse_mode=parse_mode)
+        except RetryAfter as exc:
+            raise Flooded(retry_after_seconds(exc)) from None
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():  # the same text again is harmless
+                raise
 
     async def send_picture(self, picture: Picture) -> str | None:
         """The photo, plus the lossless PNG as a document when asked for or when it cannot be a photo. Errors
@@ -292,8 +271,6 @@ class TelegramPlatform:
         self._poll_timeout = poll_timeout
         self._connect_retry = connect_retry
         self._redact = _RedactToken(token)
-        self._pacers: dict[int, _ChatPacer] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._init_lock = asyncio.Lock()
         self._initialized = False
         self.application: Application = (
@@ -377,9 +354,6 @@ class TelegramPlatform:
 
     async def stop(self) -> None:
         """Stop polling and close the connection pool; safe to call more than once."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
         app = self.application
         try:
             if app.updater is not None and app.updater.running:
@@ -391,55 +365,6 @@ class TelegramPlatform:
         finally:
             self._initialized = False
             logging.getLogger("httpx").removeFilter(self._redact)
-
-    # -- progress pacing -----------------------------------------------------------------------------------------------
-    def pacer(self, chat_id: int, chat_kind: str) -> _ChatPacer:
-        pacer = self._pacers.get(chat_id)
-        if pacer is None:
-            interval = (self.settings.progress_interval_private if chat_kind == "private"
-                        else self.settings.progress_interval_group)
-            pacer = self._pacers[chat_id] = _ChatPacer(interval)
-        return pacer
-
-    async def edit_now(self, chat_id: int, pacer: _ChatPacer, message_id: int, text: str) -> None:
-        """One progress edit; never raises (progress is best effort)."""
-        body, parse_mode = fit_text(text, MAX_TEXT_CHARS)
-        try:
-            bot = await self.bot()
-            await bot.edit_message_text(body, chat_id=chat_id, message_id=message_id, parse_mode=parse_mode)
-            pacer.edited()
-        except RetryAfter as exc:
-            wait = retry_after_seconds(exc)
-            pacer.flooded(wait)
-            pacer.pending[message_id] = text
-            self.flush_later(chat_id, pacer)
-            log.info("telegram flood control on edits in chat %s: quiet for %.0f s, edits every %.1f s now",
-                     chat_id, wait, pacer.interval)
-        except BadRequest as exc:
-            if "not modified" not in str(exc).lower():  # the same text again is harmless
-                log.info("progress edit refused in chat %s: %s", chat_id, exc)
-        except Exception as exc:
-            log.info("progress edit failed in chat %s: %s", chat_id, self._redacted(f"{type(exc).__name__}: {exc}"))
-
-    def flush_later(self, chat_id: int, pacer: _ChatPacer) -> None:
-        """Send the edits held during a quiet window once it ends (one flusher per chat)."""
-        if pacer.flusher is not None and not pacer.flusher.done():
-            return
-
-        async def flush() -> None:
-            while pacer.pending:
-                await asyncio.sleep(max(0.0, pacer.quiet_until - time.monotonic()))
-                message_id, text = next(iter(pacer.pending.items()))
-                del pacer.pending[message_id]
-                await self.edit_now(chat_id, pacer, message_id, text)
-
-        pacer.flusher = self._spawn(flush())
-
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # -- handlers --------------------------------------------------------------------------------------------------
     def _from_message(self, update: Update) -> tuple[User, TelegramConversation, Message] | None:

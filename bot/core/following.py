@@ -1,20 +1,25 @@
 """Following a job: from the store's queue through the engine's events to a delivered picture.
 
-Each followed job has one task (`Follower.follow`) that turns its events (store positions from the feeder, then the
-engine's) into store updates and (throttled) edits of the acknowledgement, then hands the result to delivery.
+Each followed job has one task (`Follower.follow`, a short flat loop) that turns its events (store positions from the
+feeder, then the engine's) into store updates and edits of the acknowledgement, paced by the message's one
+`EditPacer`, then hands the result to delivery and ends the message on its last text.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from functools import partial
 
 from bot import replies
 from bot.chat import Conversation
 from bot.core.delivery import Delivery
 from bot.core.feeding import Feeder
+from bot.core.pacing import EditPacer
 from bot.core.state import CoreState, Live, log, quietly, safe_send
 from engine.jobs import GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+
+ENDS = ("done", "failed", "cancelled", "kept")
+"""Events after which a job has nothing more to show (kept: a graceful stop left it queued in the store)."""
 
 
 class Follower:
@@ -32,110 +37,104 @@ class Follower:
         return live
 
     async def follow(self, live: Live) -> None:
-        """Turn engine events into store updates and (throttled) chat edits, then deliver."""
-        state, feeder = self.state, self.feeder
-        conv, m, events = live.conv, live.conv.markup, live.events
-        last_edit = 0.0
-        held: list[str] = []  # the newest text a throttled edit skipped; shown when the interval has passed
-        flusher: asyncio.Task | None = None
-
-        async def flush_later(delay: float) -> None:
-            await asyncio.sleep(delay)
-            if held:
-                await edit(held.pop(), force=True)
-
-        async def edit(text: str, *, force: bool = False) -> None:
-            nonlocal last_edit, flusher
-            now = time.monotonic()
-            if live.ack_id is None or text == live.shown:
-                return
-            if not force and now - last_edit < conv.progress_interval:
-                held[:] = [text]
-                if flusher is None or flusher.done():
-                    flusher = asyncio.create_task(flush_later(conv.progress_interval - (now - last_edit)))
-                return
-            held.clear()
-            last_edit, live.shown = now, text
-            try:
-                await conv.edit_text(live.ack_id, text)
-            except Exception as exc:  # progress is best effort; delivery is what must not fail
-                log.warning("progress edit failed job=%s: %s", live.record_id, type(exc).__name__)
-
+        """Turn the job's events into store updates and paced edits of its acknowledgement, then deliver."""
+        pacer = EditPacer(partial(self._edit, live), live.conv.progress_interval, name=live.record_id)
         try:
-            while True:
-                event: JobEvent = await events.get()
-                if event.kind == "queued":
-                    await edit(replies.queued(m, event.position, feeder.wait_estimate(event.position)))
-                elif event.kind == "started":
-                    live.started = True
-                    await state.store.mark_running(live.record_id)
-                    await feeder.feed_quietly()  # a place in the engine's queue is free; the others move up
-                    await edit(replies.queued(m, 0, None), force=True)
-                    await quietly(conv.working())
-                elif event.kind == "progress" and event.step:
-                    await edit(replies.progress(m, event.step, event.total, event.eta))
-                    if event.step % 5 == 0:
-                        await quietly(conv.working())  # Telegram shows a chat action for ~5 s
-                elif event.kind in ("done", "failed", "cancelled", "kept"):
-                    break
-            if live.engine_job is None:  # it never reached the engine
-                if event.kind == "kept":  # a graceful stop: still queued in the store for the next start
-                    return
-                if event.kind == "cancelled":
-                    state.metrics.finished("cancelled")
-                    log.info("cancelled job=%s platform=%s user=%s", live.record_id, conv.platform, live.user_id)
-                    await state.store.mark_cancelled(live.record_id)
-                    await edit(replies.cancelled(m), force=True)
-                    return
-                error = event.error or "generation failed"
-                state.metrics.finished("failed")
-                log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, conv.platform, live.user_id,
-                            error)
-                await state.store.mark_failed(live.record_id, error)
-                await edit(replies.failed(m, error), force=True)
-                if live.ack_id is None:
-                    await safe_send(conv, replies.failed(m, error))
-                return
-            try:
-                result: GenerationResult = await live.engine_job.wait()
-            except JobCancelled:
-                if state.stopping and not live.user_cancelled:
-                    # Stopped on purpose by a graceful shutdown: back in the queue without using up its one
-                    # crash retry. It is picked up, in order, at the next start.
-                    await state.store.return_to_queue(live.record_id)
-                    log.info("kept job=%s for the next start", live.record_id)
-                    return
-                state.metrics.finished("cancelled")
-                log.info("cancelled job=%s platform=%s user=%s", live.record_id, conv.platform, live.user_id)
-                await state.store.mark_cancelled(live.record_id)
-                await edit(replies.cancelled(m), force=True)
-                return
-            except JobFailed as exc:
-                state.metrics.finished("failed")
-                log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, conv.platform, live.user_id,
-                            exc)
-                await state.store.mark_failed(live.record_id, str(exc))
-                await edit(replies.failed(m, str(exc)), force=True)
-                if live.ack_id is None:
-                    await safe_send(conv, replies.failed(m, str(exc)))
-                return
-            state.job_seconds = result.seconds if state.job_seconds is None else (
-                0.7 * state.job_seconds + 0.3 * result.seconds)
-            path = await state.store.mark_done(live.record_id, result.png, duration=result.seconds,
-                                               seconds_per_step=result.seconds_per_step)
-            state.metrics.finished("done", result)
-            log.info("done job=%s platform=%s user=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id,
-                     conv.platform, live.user_id, result.seconds, result.seconds_per_step,
-                     "-" if result.peak_vram_bytes is None else f"{result.peak_vram_bytes / 2**30:.2f}GiB")
-            record = await state.store.get_job(live.record_id)
-            assert record is not None  # just marked done; jobs are never deleted
-            await self.delivery.deliver(record, conv, png=result.png, seconds=result.seconds, notice=result.notice,
-                                        path=str(path))
-            await edit(m.escape("Done."), force=True)
+            while (event := await live.events.get()).kind not in ENDS:
+                await self._on_event(live, pacer, event)
+            ended = self._ended_in_store if live.engine_job is None else self._ended_in_engine
+            last = await ended(live, event)
+            if last is not None and live.ack_id is not None:
+                await pacer.finish(last)
         except Exception:
             log.exception("following job %s failed", live.record_id)
         finally:
-            if flusher is not None:
-                flusher.cancel()
-            state.live.pop(live.record_id, None)
-            await feeder.feed_quietly()
+            pacer.close()
+            self.state.live.pop(live.record_id, None)
+            await self.feeder.feed_quietly()
+
+    async def _on_event(self, live: Live, pacer: EditPacer, event: JobEvent) -> None:
+        """A place in the store's queue, the start, or a step: the acknowledgement shows it."""
+        m = live.conv.markup
+        if event.kind == "queued":
+            await self._show(live, pacer, replies.queued(m, event.position, self.feeder.wait_estimate(event.position)))
+        elif event.kind == "started":
+            live.started = True
+            await self.state.store.mark_running(live.record_id)
+            await self.feeder.feed_quietly()  # a place in the engine's queue is free; the others move up
+            await self._show(live, pacer, replies.queued(m, 0, None), now=True)
+            await quietly(live.conv.working())
+        elif event.kind == "progress" and event.step:
+            await self._show(live, pacer, replies.progress(m, event.step, event.total, event.eta))
+            if event.step % 5 == 0:
+                await quietly(live.conv.working())  # Telegram shows a chat action for ~5 s
+
+    @staticmethod
+    async def _show(live: Live, pacer: EditPacer, text: str, *, now: bool = False) -> None:
+        if live.ack_id is None or text == live.shown:
+            return
+        live.shown = text
+        await pacer.show(text, now=now)
+
+    @staticmethod
+    async def _edit(live: Live, text: str) -> None:
+        assert live.ack_id is not None  # only shown once acknowledged
+        await live.conv.edit_text(live.ack_id, text)
+
+    async def _ended_in_store(self, live: Live, event: JobEvent) -> str | None:
+        """A job that never reached the engine: kept for the next start, cancelled, or failed. Returns the
+        acknowledgement's last text."""
+        if event.kind == "kept":  # a graceful stop: still queued in the store for the next start
+            return None
+        if event.kind == "cancelled":
+            return await self._cancelled(live)
+        return await self._failed(live, event.error or "generation failed")
+
+    async def _ended_in_engine(self, live: Live, event: JobEvent) -> str | None:
+        """The engine's outcome: delivered, cancelled (or kept at a graceful stop), or failed."""
+        state = self.state
+        assert live.engine_job is not None
+        try:
+            result: GenerationResult = await live.engine_job.wait()
+        except JobCancelled:
+            if state.stopping and not live.user_cancelled:
+                # Stopped on purpose by a graceful shutdown: back in the queue without using up its one
+                # crash retry. It is picked up, in order, at the next start.
+                await state.store.return_to_queue(live.record_id)
+                log.info("kept job=%s for the next start", live.record_id)
+                return None
+            return await self._cancelled(live)
+        except JobFailed as exc:
+            return await self._failed(live, str(exc))
+        await self._done(live, result)
+        return live.conv.markup.escape("Done.")
+
+    async def _cancelled(self, live: Live) -> str:
+        self.state.metrics.finished("cancelled")
+        log.info("cancelled job=%s platform=%s user=%s", live.record_id, live.conv.platform, live.user_id)
+        await self.state.store.mark_cancelled(live.record_id)
+        return replies.cancelled(live.conv.markup)
+
+    async def _failed(self, live: Live, error: str) -> str:
+        self.state.metrics.finished("failed")
+        log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, live.conv.platform, live.user_id, error)
+        await self.state.store.mark_failed(live.record_id, error)
+        text = replies.failed(live.conv.markup, error)
+        if live.ack_id is None:
+            await safe_send(live.conv, text)
+        return text
+
+    async def _done(self, live: Live, result: GenerationResult) -> None:
+        state = self.state
+        state.job_seconds = result.seconds if state.job_seconds is None else (
+            0.7 * state.job_seconds + 0.3 * result.seconds)
+        path = await state.store.mark_done(live.record_id, result.png, duration=result.seconds,
+                                           seconds_per_step=result.seconds_per_step)
+        state.metrics.finished("done", result)
+        log.info("done job=%s platform=%s user=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id,
+                 live.conv.platform, live.user_id, result.seconds, result.seconds_per_step,
+                 "-" if result.peak_vram_bytes is None else f"{result.peak_vram_bytes / 2**30:.2f}GiB")
+        record = await state.store.get_job(live.record_id)
+        assert record is not None  # just marked done; jobs are never deleted
+        await self.delivery.deliver(record, live.conv, png=result.png, seconds=result.seconds, notice=result.notice,
+                                    path=str(path))

@@ -254,7 +254,6 @@ async def test_429_on_progress_edits_backs_off_and_the_picture_is_still_delivere
         await h.settle()
         ack = h.replies_to(asked)[0]
         await h.tg.wait_for(lambda: ack.text == "Done.", WAIT, what="the held edit after the quiet window")
-        interval = h.platform.pacer(ALICE.id, "private").interval
         [record] = await h.store.history("telegram", str(ALICE.id))
 
     edits = h.tg.calls_to("editMessageText")
@@ -262,7 +261,7 @@ async def test_429_on_progress_edits_backs_off_and_the_picture_is_still_delivere
     assert len(flooded) == 1 and h.tg.count_served(429) == 1  # nothing came back inside the flood window
     after = [c.at for c in edits if c.at > flooded[0].at]
     assert after and min(after) - flooded[0].at >= 1.0
-    assert interval >= 1.0  # edits are spaced further apart after the 429
+    # The wider interval after a 429 is the core's pacer's (tests/bot/test_pacing.py); the adapter only reports it.
     assert len(h.tg.photos(ALICE.id)) == 1 and record.delivered_at is not None
 
 
