@@ -89,16 +89,21 @@ class RemoteEngine:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Announce the bot and what it wants drawn, then follow events and workers (retrying while Redis is down)."""
-        async for attempt in retrying("starting the cluster engine", log, self._url):
-            with attempt:
-                await self._announce()
-                await self._ensure_group()
-                await self._refresh_workers()
-        log.info("cluster: Redis at %s; %s; %d live worker(s)", redacted(self._url), self._identity.describe(),
-                 len(self._live))
+        """Announce the bot and what it wants drawn, then follow events and workers. With Redis unreachable it says
+        so in one line and starts anyway: jobs are accepted into the store and published once Redis answers."""
+        down_since: float | None = None
+        try:
+            await self._announce()
+            await self._ensure_group()
+            await self._refresh_workers()
+            log.info("cluster: Redis at %s; %s; %d live worker(s)", redacted(self._url), self._identity.describe(),
+                     len(self._live))
+        except UNREACHABLE as exc:
+            down_since = time.monotonic()
+            log.warning("cluster: Redis at %s is unreachable (%s); accepting jobs, they wait until it answers "
+                        "(retrying)", redacted(self._url), describe(exc))
         self._tasks = [asyncio.create_task(self._publisher(), name="cluster-publisher"),
-                       asyncio.create_task(self._follow_events(), name="cluster-events"),
+                       asyncio.create_task(self._follow_events(down_since), name="cluster-events"),
                        asyncio.create_task(self._watch_workers(), name="cluster-workers")]
 
     async def close(self, timeout: float | None = None) -> None:
@@ -204,6 +209,8 @@ class RemoteEngine:
         request_json = protocol.encode_request(job.request)
         stream = self._keys.jobs(self._identity, protocol.tier_of(job.request.width * job.request.height))
         async for attempt in retrying(f"publishing job {job.id}", log, self._url):
+            if job.done():
+                return  # published by _republish_all when Redis came back, and finished meanwhile
             with attempt:
                 fresh = await self._scripts["PUBLISH"](keys=[self._keys.job(job.id), stream],
                                                        args=[job.id, request_json, protocol.WORKERS_GROUP])
@@ -267,9 +274,8 @@ class RemoteEngine:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def _follow_events(self) -> None:
+    async def _follow_events(self, down_since: float | None = None) -> None:
         backlog = True  # first read what was delivered before a restart and never acknowledged
-        down_since: float | None = None
         while True:
             try:
                 response = await self._redis.xreadgroup(BOT_GROUP, BOT_CONSUMER, {self._keys.events: "0" if backlog
@@ -278,6 +284,7 @@ class RemoteEngine:
                     log.info("cluster: Redis at %s is back after %.0f s", redacted(self._url),
                              time.monotonic() - down_since)
                     down_since = None
+                    await self._announce()
                     await self._republish_all()
                 entries = response[0][1] if response else []
                 if backlog and not entries:
@@ -289,7 +296,8 @@ class RemoteEngine:
                 raise
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): start over from the store's jobs
-                    log.warning("cluster: Redis lost the events stream; publishing the unfinished jobs again")
+                    log.warning("cluster: Redis has no events stream (a new or emptied Redis); publishing the "
+                                "unfinished jobs (again)")
                     await self._guarded(self._ensure_group)
                     await self._guarded(self._republish_all)
                     continue

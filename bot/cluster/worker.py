@@ -72,16 +72,23 @@ class ClusterWorker:
         log.info("worker %s: ready on Redis %s (%s, up to %s, %s)", self.name, redacted(self._url),
                  self._identity.describe(), protocol.side(self._cap.largest_tier), self._cap.device)
         heartbeat = asyncio.create_task(self._heartbeat(stop), name="worker-heartbeat")
+        down_since: float | None = None
         try:
             while not stop.is_set() and not self._refused:
                 try:
                     entry = await self._next_entry()
+                    if down_since is not None:
+                        log.info("worker %s: Redis at %s is back after %.0f s", self.name, redacted(self._url),
+                                 time.monotonic() - down_since)
+                        down_since = None
                     if entry is not None:
                         await self._draw(*entry, stop=stop)
                 except UNREACHABLE as exc:
-                    log.warning("worker %s: Redis at %s is unreachable (%s); retrying", self.name,
-                                redacted(self._url), describe(exc))
-                    await _sleep_or_stop(stop, 2.0)
+                    if down_since is None:  # one line per outage; the retries are quiet
+                        down_since = time.monotonic()
+                        log.warning("worker %s: Redis at %s is unreachable (%s); retrying", self.name,
+                                    redacted(self._url), describe(exc))
+                    await _sleep_or_stop(stop, 1.0)
                 except ResponseError as exc:
                     if "NOGROUP" in str(exc):
                         await self._ensure_groups()

@@ -52,6 +52,13 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not start: " + (self.folder / "redis.log").read_text()[-2000:])
 
+    def kill(self) -> None:
+        """A crash (SIGKILL): with appendfsync always, every write acknowledged before it is on disk."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
     def stop(self) -> None:
         """A clean shutdown (SIGTERM: redis-server flushes the append-only file and exits)."""
         if self.process is not None and self.process.poll() is None:
@@ -77,13 +84,13 @@ def redis_server(tmp_path):
 
 def cluster_config(path: Path, models_dir: Path, *, lease: float = 2.0, heartbeat: float = 0.3,
                    step_sleep: float = 0.0, max_pixels: int = 2048 * 2048, model: str = "tiny",
-                   extra: str = "") -> Path:
+                   extra: str = "", device: str = "cpu") -> Path:
     path.write_text(f"""
 [engine]
 model = "{model}"
 models_dir = "{models_dir}"
 mode = "resident"
-device = "cpu"
+device = "{device}"
 width = 64
 height = 64
 default_steps = 2
@@ -114,11 +121,11 @@ class Workers:
         self.url = url
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, config: Path) -> subprocess.Popen:
+    def start(self, name: str, config: Path, *args: str) -> subprocess.Popen:
         env = {**os.environ, "DRAWBOT_REDIS_URL": self.url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         log = open(self.folder / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config), "worker", "--name", name],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+        proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "--config", str(config), "worker", "--name", name,
+                                 *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         self.procs[name] = proc
         return proc
 

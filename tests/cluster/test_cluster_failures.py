@@ -1,0 +1,251 @@
+"""Redis unreachable, the bot drawing too (`local_worker`), `drawbot worker --device`, and queue positions and ETAs that
+count every live worker. Real redis-server, the real core and SQLite store, `drawbot worker` processes or in-process
+ClusterWorkers on the tiny model. Every wait has a deadline, so a failure cannot hang CI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bot.chat import PlainMarkup, User
+from bot.cluster import protocol
+from bot.cluster.connection import client
+from bot.cluster.remote import RemoteEngine, read_live_workers
+from bot.config import load_config
+from bot.core import ChatCore
+from bot.store import Store
+from tests.bot.conversation import RecordingConversation
+from tests.cluster.conftest import PASSWORD, REPO, RedisServer, Workers, cluster_config
+
+pytestmark = pytest.mark.timeout(120)
+
+USERS = [User("console", f"user{n}", f"User {n}", chat_id=f"c{n}") for n in range(4)]
+
+
+async def until(condition, timeout=60.0, every=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await condition():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def needs_redis():
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+
+
+async def test_redis_down_at_start_and_killed_mid_run_is_one_line_retried_and_every_job_arrives_once(
+        tmp_path, models_dir, caplog):
+    """The worker and the bot start while Redis is down: each says so in one line and keeps retrying; a job accepted
+    meanwhile is drawn once Redis is up. Then Redis is killed (SIGKILL) while both run and a job is accepted during
+    the outage: once Redis is back it is delivered, once. Neither process crashes."""
+    needs_redis()
+    server = RedisServer(tmp_path / "redis")  # not started yet
+    # [engine].device names a GPU this machine lacks: `--device cpu` must reach the worker's engine settings.
+    path = cluster_config(tmp_path / "config.toml", models_dir, lease=3.0, heartbeat=0.3, step_sleep=0.05,
+                          device="cuda:1")
+    config = load_config(path)
+    pool = Workers(tmp_path, server.url)
+    caplog.set_level(logging.INFO, logger="bot.cluster")
+    store = await Store.open(config.storage.database_path, config.storage.images_dir)
+    engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"), url=server.url)
+    try:
+        worker = pool.start("w1", path, "--device", "cpu")
+        await asyncio.wait_for(engine.start(), 30)  # returns although Redis is down
+        core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01)
+        first = RecordingConversation("c0")
+        first_id = await core.submit(USERS[0], first, _draw(core, "a fox"))
+        assert first_id, first.texts()  # accepted into the store while Redis is down
+
+        async def worker_says_unreachable():
+            assert worker.poll() is None, pool.log("w1")
+            return "is unreachable" in pool.log("w1")
+
+        await until(worker_says_unreachable, 90, what="the worker's unreachable line")
+        await asyncio.sleep(1.0)  # a few retries: still one line, no crash
+        assert pool.log("w1").count("is unreachable") == 1, pool.log("w1")
+        bot_lines = [r.getMessage() for r in caplog.records if "is unreachable" in r.getMessage()]
+        assert bot_lines and bot_lines[0].startswith(f"cluster: Redis at redis://***@127.0.0.1:{server.port}/0 is "
+                                                     "unreachable"), bot_lines
+        assert len(bot_lines) <= 2, bot_lines  # starting + publishing the job, not one per retry
+        assert PASSWORD not in caplog.text and PASSWORD not in pool.log("w1")
+
+        server.start()
+
+        async def delivered(conv, count=1):
+            return len(conv.pictures) >= count
+
+        await until(lambda: delivered(first), 60, what="the first picture")
+        redis = client(server.url)
+        [cap] = await read_live_workers(redis, protocol.Keys("drawbot"))
+        await redis.aclose()
+        assert cap.name == "w1" and cap.device == "cpu"  # --device cpu reached the engine (cuda:1 would not load)
+
+        server.kill()  # a crash while both run
+        second = RecordingConversation("c1")
+        second_id = await core.submit(USERS[1], second, _draw(core, "a cat"))
+        assert second_id, second.texts()
+        await asyncio.sleep(1.5)
+        assert worker.poll() is None, pool.log("w1")
+        server.start()
+        await until(lambda: delivered(second), 60, what="the picture accepted while Redis was down")
+        await asyncio.sleep(1.0)  # room for a duplicate, were there one
+        assert [p.job_id for p in first.pictures] == [first_id]
+        assert [p.job_id for p in second.pictures] == [second_id]
+        for job_id in (first_id, second_id):
+            record = await store.get_job(job_id)
+            assert record is not None and record.status == "done" and record.delivered_at
+        log = pool.log("w1")
+        assert log.count("is unreachable") == 2 and "is back after" in log, log  # one line per outage
+        assert "Traceback" not in log and worker.poll() is None, log
+        assert "is back after" in caplog.text
+        await core.stop_accepting()
+    finally:
+        await engine.close()
+        await store.close()
+        pool.stop_all()
+        server.stop()
+    assert worker.returncode == 0, pool.log("w1")
+
+
+def _draw(core, prompt):
+    from bot.commands import parse_draw
+
+    return parse_draw(f"{prompt} --steps 2", core.rules)
+
+
+def test_a_bad_worker_device_is_one_line_and_exit_2(tmp_path, models_dir):
+    """`drawbot worker --device gpu1`: one line saying what is accepted, exit 2, before anything loads. (A good
+    `--device cpu` reaching the engine is checked in the Redis test above, with [engine].device = cuda:1.)"""
+    path = cluster_config(tmp_path / "config.toml", models_dir, device="cuda:1")
+    env = {**os.environ, "DRAWBOT_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(REPO)}
+    bad = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), "worker", "--device", "gpu1"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip() == "drawbot worker: --device must be cpu, cuda or cuda:N (got 'gpu1')", bad.stderr
+
+
+def test_drawbot_run_with_local_worker_draws_on_this_machine(tmp_path, models_dir, redis_server):
+    """`drawbot run` with [cluster] local_worker = true and no other worker: the console's picture is drawn by the
+    worker inside the bot process, through Redis."""
+    path = cluster_config(tmp_path / "config.toml", models_dir, extra="local_worker = true")
+    env = {**os.environ, "DRAWBOT_REDIS_URL": redis_server.url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
+    env.pop("DRAWBOT_DISCORD_TOKEN", None)
+    done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), "run"], input="/draw a fox\n",
+                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "(and drawing here too)" in out, out[-3000:]
+    import re
+
+    drawn_by = re.search(r"drawn by (\S+) \(attempt token", out)
+    assert drawn_by and drawn_by.group(1).endswith("-local"), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    [record] = asyncio.run(_history(load_config(path)))
+    assert record.status == "done" and record.delivered_at
+
+
+async def _history(config):
+    store = await Store.open(config.storage.database_path, config.storage.images_dir)
+    try:
+        return [r for r in await store.history("console", config.console.user, 10)]
+    finally:
+        await store.close()
+
+
+async def test_two_live_workers_draw_two_jobs_at_once_and_etas_count_both(tmp_path, models_dir, tiny_settings):
+    """The core's feeder reads the RemoteEngine's capacity: with two live workers two jobs are drawn at once (never
+    three), and the queue ETA a user is told divides the jobs ahead between the two workers."""
+    needs_redis()
+    from bot.cluster.worker import ClusterWorker, PaddedPipeline, load_capability
+    from engine.pipeline import FluxPipeline
+    from engine.worker import Engine
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    path = cluster_config(tmp_path / "config.toml", models_dir, lease=5.0, heartbeat=0.2)
+    config = load_config(path)
+    settings = tiny_settings.model_copy(update={"mode": "resident"})
+    stop = asyncio.Event()
+    engines, tasks, redises = [], [], []
+    store = await Store.open(config.storage.database_path, config.storage.images_dir)
+    bot_engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"), url=server.url,
+                              model_name="tiny")
+    try:
+        for n in range(2):
+            pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
+            local = Engine(lambda p=pipeline: PaddedPipeline(p, 0.4), max_queue=1)
+            await local.start()
+            engines.append(local)
+            redis = client(server.url)
+            redises.append(redis)
+            worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, f"w{n}", local),
+                                   url=server.url)
+            tasks.append(asyncio.create_task(worker.run(stop)))
+        await bot_engine.start()
+
+        async def both_live():
+            return bot_engine.parallelism == 2
+
+        await until(both_live, 20, what="two live workers")
+        core = ChatCore(config, store, bot_engine, is_test_model=True, delivery_backoff=0.01)
+        warm = RecordingConversation("c0")
+        await core.submit(USERS[0], warm, _draw(core, "warm up"))
+        await core.drain()
+        job_seconds = core.state.job_seconds
+        assert job_seconds and len(warm.pictures) == 1
+
+        convs = [RecordingConversation(f"c{n}") for n in range(4)]
+        ids = [await core.submit(USERS[n % 4], convs[n % 4], _draw(core, f"job {n}")) for n in range(6)]
+        assert all(ids)
+        most_running = 0
+
+        async def all_done():
+            nonlocal most_running
+            records = [await store.get_job(job_id) for job_id in ids]
+            most_running = max(most_running, sum(1 for r in records if r and r.status == "running"))
+            return all(r and r.delivered_at for r in records)
+
+        await until(all_done, 60, every=0.02, what="six pictures")
+        assert most_running == 2
+
+        # Each ack told the place in the store's queue and an ETA of ceil(place / 2) average jobs.
+        m = PlainMarkup()
+        places = []
+        for conv in convs:
+            for text in conv.texts():
+                if text.startswith("Got it"):
+                    place = 1 if "next in line" in text else int(text.split("#")[1].split(" ")[0])
+                    places.append(place)
+                    assert text == m.escape(f"Got it - you are "
+                                            f"{'next in line' if place == 1 else f'#{place} in the queue'}"
+                                            f" (about {_duration(job_seconds * -(-place // 2))})."), text
+        assert max(places) >= 3  # where one worker would have said a longer wait
+        await core.stop_accepting()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await bot_engine.close()
+        for local in engines:
+            await local.close(timeout=0)
+        for redis in redises:
+            await redis.aclose()
+        await store.close()
+        server.stop()
+
+
+def _duration(seconds):
+    from bot.replies import duration
+
+    return duration(seconds)
