@@ -58,13 +58,6 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
 }
 """Preset name -> aspect ratio (width, height); the pixel count follows the default size."""
 
-DRAW_EXAMPLES: list[str] = [
-    "/draw a red fox in the snow",
-    "/draw a lighthouse at dusk, oil painting 42 --ar 16:9",
-    '/draw "blade runner 2049" --png',
-]
-"""Example commands for help texts; all are valid under any rules (they name no step count)."""
-
 KNOWN_OPTIONS = "--seed N, --steps N, --size WxH or a preset, --ar W:H, --png"
 
 _EXAMPLE_PROMPT = "a red fox"

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from bot.commands import SEED_MAX, DrawRules, UsageError, validate_draw
 from bot.config import Config
 from bot.engine_setup import EngineSetupError, choose_model, start_engine
+from bot import replies
 from bot.replies import steps as steps_text
 from engine.jobs import EngineError, GenerationRequest, JobEvent
 from engine.png import SAVE_FORMATS, convert
@@ -113,6 +114,6 @@ async def _draw(config: Config, settings: EngineSettings, request: GenerationReq
         return 1
     print(f"saved {output} (seed {request.seed}, {steps_text(request.steps)}, {request.width}x{request.height}, "
           f"{result.seconds:.1f} s, {result.seconds_per_step:.2f} s/step)")
-    if result.notice:
-        print(f"note: {result.notice}")
+    if result.test_model:
+        print(f"note: {replies.TEST_MODEL_NOTICE}")
     return 0

@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import time
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 from bot.chat import Markup
 
-EXAMPLES = ["/draw a red fox in the snow", "/draw a lighthouse at dusk --seed 42 --steps 20", '/draw "blade runner 2049"']
+if TYPE_CHECKING:
+    from bot.core.admin import BanOutcome
+    from bot.store import JobRecord, Usage
+
+EXAMPLES: list[str] = [
+    "/draw a red fox in the snow",
+    "/draw a lighthouse at dusk, oil painting 42 --ar 16:9",
+    '/draw "blade runner 2049" --png',
+]
+"""The one list of example commands (help, hints). Each is valid under any configured rules: none names a step
+count, which `max_steps` could forbid (tests/bot/test_commands.py checks them against odd ranges and the help)."""
 
 
 def short(text: str, limit: int = 200) -> str:
@@ -33,12 +47,52 @@ def steps(n: int) -> str:
 
 QUEUED_TOAST = "Queued!"
 """A button's short answer when its picture was queued (the queue message itself follows in the chat)."""
+BUTTON_INVALID = "That button is no longer valid."
+BUTTON_BROKE = "Sorry, something went wrong with that button."
+PICTURE_GONE = "I can't find that picture any more."
+NOT_YOUR_PICTURE = "Only the person who asked for this picture can use its buttons - send your own /draw!"
+DRAW_FIRST = "Draw a picture first."
+DID_NOT_WORK = "Sorry, that did not work."
 
 
 def no_such_history_entry(n: int, count: int) -> str:
     if not count:
         return "You have no pictures yet, so there is nothing to draw again."
     return f"Your /history shows pictures 1 to {count}; /again {n} is not one of them."
+
+
+def draw_hint(m: Markup) -> str:
+    """Plain text in a private chat: how to ask for a picture."""
+    return m.escape("Send /draw followed by what to draw, e.g. ") + m.code(EXAMPLES[0]) + m.escape(" - /help for more.")
+
+
+def unknown_command(m: Markup, command: str) -> str:
+    return m.escape(f"I don't know /{command}. Try /help.")
+
+
+def ban_usage(m: Markup, verb: str) -> str:
+    return m.escape(f"Usage: /{verb} <user id>, e.g. /{verb} 123456789")
+
+
+def restarting_refusal(m: Markup) -> str:
+    return m.escape("The bot is restarting; please try again in a minute.")
+
+
+@dataclass(frozen=True)
+class PolicyRefusal:
+    """Why the owner's policy refuses a picture (the core decides; this module words it)."""
+
+    reason: Literal["user_not_allowed", "chat_not_allowed", "blocked_word"]
+    matched: str = ""
+    """The blocked word as it appeared in the prompt."""
+
+
+def policy_refusal(m: Markup, refusal: PolicyRefusal) -> str:
+    if refusal.reason == "user_not_allowed":
+        return m.escape("Sorry, this bot only draws for the people its owner allowed.")
+    if refusal.reason == "chat_not_allowed":
+        return m.escape("Sorry, this bot does not draw in this chat.")
+    return m.escape(f"Sorry, that prompt contains something this bot does not draw (“{short(refusal.matched, 40)}”).")
 
 
 def help_text(m: Markup, *, min_steps: int, max_steps: int, default_steps: int, is_test_model: bool,
@@ -88,14 +142,14 @@ def progress(m: Markup, step: int, total: int, eta: float | None) -> str:
 
 
 def caption(m: Markup, *, prompt: str, seed: int, steps: int, width: int, height: int, seconds: float,
-            notice: str | None) -> str:
+            test_model: bool) -> str:
     text = (
         m.escape(short(prompt, 700)) + "\n"
         + m.escape("seed ") + m.code(str(seed))
         + m.escape(f" · {steps_(steps)} · {width}×{height} · {seconds:.1f} s")
     )
-    if notice:
-        text += "\n" + m.escape(notice)
+    if test_model:
+        text += "\n" + m.escape(TEST_MODEL_NOTICE)
     return text
 
 
@@ -107,6 +161,65 @@ def engine_refusal(m: Markup, refusal, *, prompt: str) -> str:
         return m.escape(f"Sorry, that size is too big for this bot's {where}: the largest picture of that shape it can "
                         f"draw is {width}x{height}. Try: /draw {short(prompt, 60)} --size {width}x{height}")
     return m.escape(f"Sorry, I can't draw that: {refusal.message}.")
+
+
+def done(m: Markup) -> str:
+    return m.escape("Done.")
+
+
+NEW_SEED_LABEL = "🎲 New seed"
+SAME_SEED_LABEL = "🔁 Same seed"
+
+
+def again_label(n: int) -> str:
+    """/history's button for picture number `n`."""
+    return f"🔁 {n}"
+
+
+_STATUS_ICONS = {"done": "✅", "failed": "⚠️", "cancelled": "✖️", "queued": "⏳", "running": "🎨"}
+
+
+def history(m: Markup, records: list[JobRecord], now: float) -> str:
+    if not records:
+        return m.escape("You have no pictures yet. Try ") + m.code(EXAMPLES[0])
+    lines = [m.bold("Your last pictures:")]
+    for n, r in enumerate(records, start=1):
+        lines.append(
+            m.escape(f"{n}. {_STATUS_ICONS.get(r.status, '')} “{short(r.prompt, 60)}” · seed ") + m.code(str(r.seed))
+            + m.escape(f" · {steps(r.steps)} · {r.width}×{r.height} · {relative_time(r.created_at, now)}")
+            + m.escape(f" · again: /again {r.id}")
+        )
+    return "\n".join(lines)
+
+
+def usage_of_admin(m: Markup) -> str:
+    return m.escape("You are an admin: no limits apply to you.")
+
+
+def usage(m: Markup, u: Usage, now: float) -> str:
+    def window(used: int, limit: int, retry_at: float | None, frees_at: float | None, name: str) -> str:
+        if not limit:
+            return f"{name}: {used} (no limit)"
+        text = f"{name}: {used} of {limit}"
+        if retry_at:
+            text += f" - next picture in {duration(retry_at - now)}"
+        elif frees_at and used:
+            text += f" (a slot frees in {duration(frees_at - now)})"
+        return text
+
+    lines = [
+        window(u.used_this_hour, u.per_hour, u.hour_retry_at, u.hour_frees_at, "This hour"),
+        window(u.used_today, u.per_day, u.day_retry_at, u.day_frees_at, "Last 24 hours"),
+        f"Waiting or drawing now: {u.active} of {u.max_active}",
+    ]
+    if u.cooldown_ends_at and u.cooldown_ends_at > now:
+        lines.append(f"Cooldown: {duration(u.cooldown_ends_at - now)} left")
+    return m.escape("\n".join(lines))
+
+
+def cancelled_count(m: Markup, total: int) -> str:
+    return m.escape(f"Cancelled {total} picture{'s' if total != 1 else ''}." if total else
+                    "You have nothing waiting or drawing.")
 
 
 def failed(m: Markup, error: str) -> str:
@@ -128,6 +241,52 @@ def restarting(m: Markup) -> str:
 def console_stopping(m: Markup) -> str:
     return m.escape("Stopping: the picture being drawn is finished first. Press Ctrl-C again to stop at once "
                     "(it stays queued and is drawn at the next start).")
+
+
+def ban_outcome(m: Markup, outcome: BanOutcome, *, who: str | None = None) -> str:
+    """An admin's ban/unban. `who`: the user as the platform shows them, already in its markup (a Discord mention);
+    by default their `platform:id`."""
+    name = who if who is not None else m.escape(outcome.key)
+    sentence = {
+        "not_admin": f"Only the bot's admins can {outcome.action}.",
+        "target_is_admin": "{who} is an admin; remove them from [limits].admins in the config first.",
+        "already_banned": "{who} is already banned.",
+        "banned": "{who} is banned (until an admin unbans them).",
+        "banned_in_config": "{who} is banned in the config file ([limits].banned); remove them there and reload.",
+        "not_banned": "{who} is not banned.",
+        "unbanned": "{who} may draw again.",
+    }[outcome.result]
+    before, _, after = sentence.partition("{who}")
+    return m.escape(before) + (name if _ else "") + m.escape(after)
+
+
+def job_cancel(m: Markup, outcome: str, job_id: str) -> str:
+    """An admin's cancel of anyone's job (bot.core.admin.CancelOutcome)."""
+    return m.escape({"not_admin": "Only the bot's admins can cancel other people's pictures.",
+                     "cancelled": f"Cancelled {job_id}."}.get(outcome, f"{job_id} is not waiting or drawing."))
+
+
+NOT_IN_DMS = "I only draw in servers, not in direct messages."
+NOT_IN_THIS_SERVER = "This bot is not enabled in this server."
+NOT_IN_THIS_CHANNEL = "I only draw in the channels the server's owner picked for me - try another channel."
+ADMINS_ONLY = "Only the bot's admins can use this."
+SOMETHING_WENT_WRONG = "Sorry, something went wrong with that command. Please try again."
+QUEUE_SHOWN = 20
+"""Jobs the admin's queue listing shows; the rest are counted."""
+
+
+def admin_queue(m: Markup, jobs: list[JobRecord], now: float, *, who: Callable[[str, str], str]) -> str:
+    """Every job waiting or being drawn, for an admin. `who(platform, user_id)`: the user in the platform's markup."""
+    if not jobs:
+        return m.escape("Nothing is waiting or being drawn.")
+    lines = [m.bold(f"{len(jobs)} picture{'s' if len(jobs) != 1 else ''} waiting or being drawn:")]
+    for n, r in enumerate(jobs[:QUEUE_SHOWN], start=1):
+        lines.append(m.escape(f"{n}. {_STATUS_ICONS[r.status]} ") + who(r.platform, r.user_id)
+                     + m.escape(f" · {r.steps} steps · {r.width}×{r.height} · "
+                                f"{relative_time(r.created_at, now)} · “{short(r.prompt, 60)}”"))
+    if len(jobs) > QUEUE_SHOWN:
+        lines.append(m.escape(f"… and {len(jobs) - QUEUE_SHOWN} more."))
+    return "\n".join(lines)
 
 
 def relative_time(then: float, now: float | None = None) -> str:

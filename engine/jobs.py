@@ -29,8 +29,8 @@ class GenerationResult:
     seconds_per_step: float
     peak_vram_bytes: int | None
     model_name: str
-    notice: str | None = None
-    """Something the user must be told with the picture (the tiny test model says its pictures are noise)."""
+    test_model: bool = False
+    """Drawn by the built-in tiny test model (noise): the chat side tells the user so (bot/replies.py words it)."""
 
 
 class JobState(str, Enum):

@@ -32,8 +32,6 @@ if TYPE_CHECKING:  # imported only in `stream` mode: it loads the Triton kernels
 
 log = logging.getLogger(__name__)
 
-TINY_NOTICE = "drawn by the built-in tiny test model: its pictures are random noise. Run `drawbot download` for MajicFLUX."
-
 # GiB of the budget left for what DiffSynth's vram_limit does not count ahead: activations, the CUDA context, VAE decode.
 VRAM_HEADROOM_GB = 1.5
 
@@ -200,7 +198,7 @@ class FluxPipeline:
             seconds_per_step=sum(step_times) / len(step_times) if step_times else 0.0,
             peak_vram_bytes=torch.cuda.max_memory_reserved(self.device) if cuda else None,
             model_name=self.model_name,
-            notice=TINY_NOTICE if self.is_test_model else None,
+            test_model=self.is_test_model,
         )
 
     def recover_from_oom(self) -> None:

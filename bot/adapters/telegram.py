@@ -49,7 +49,8 @@ from telegram.ext import (
     filters,
 )
 
-from bot.chat import Button, Flooded, Picture, TokenRefused, User
+from bot import replies
+from bot.chat import Button, Flooded, Picture, TokenRefused, User, parse_button
 from bot.config import TelegramSettings
 from bot.core import ChatCore
 from engine.png import fit_for_upload
@@ -398,8 +399,9 @@ class TelegramPlatform:
         answer: str | None = None
         conv: TelegramConversation | None = None
         try:
-            if query.message is None:  # a button on an inline message: none of ours
-                answer = "That button is no longer valid."
+            parsed = parse_button(query.data or "")  # encoded by this adapter as Button.data
+            if query.message is None or parsed is None:  # a button on an inline message, or not one of ours
+                answer = replies.BUTTON_INVALID
             else:
                 chat = query.message.chat
                 kind = chat_kind(chat)
@@ -409,10 +411,10 @@ class TelegramPlatform:
                                             reply_to=query.message.message_id)
                 user = User(platform="telegram", id=str(query.from_user.id), name=query.from_user.full_name,
                             chat_id=str(chat.id), chat_kind=kind)
-                answer = await self.core.on_button(user, conv, query.data or "")
+                answer = await self.core.on_button(user, conv, *parsed)
         except Exception as exc:
             log.error("button press failed: %s", self._redacted(f"{type(exc).__name__}: {exc}"))
-            answer = "Sorry, something went wrong with that button."
+            answer = replies.BUTTON_BROKE
         finally:
             # A refusal (nothing was sent in the chat) is an alert the presser must dismiss; news is a toast.
             refusal = answer is not None and (conv is None or conv.sent == 0)

@@ -372,7 +372,7 @@ class RemoteEngine:
                 seconds_per_step=float(fields["seconds_per_step"]),
                 peak_vram_bytes=int(fields["peak_vram"]) if protocol.text(fields.get("peak_vram")) else None,
                 model_name=protocol.text(fields.get("model_name")) or self._model_name,
-                notice=protocol.text(fields.get("notice")) or None)
+                test_model=bool(protocol.text(fields.get("test_model"))))
             log.info("cluster: job=%s finished by %s (token %d)", job_id, protocol.text(fields.get("worker")), token)
             self._jobs.pop(job_id, None)
             job._finish(JobState.DONE, result)

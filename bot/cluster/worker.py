@@ -264,7 +264,7 @@ class ClusterWorker:
                 return
             fields = ["seconds", f"{result.seconds:.3f}", "seconds_per_step", f"{result.seconds_per_step:.4f}",
                       "peak_vram", "" if result.peak_vram_bytes is None else result.peak_vram_bytes,
-                      "model_name", result.model_name, "notice", result.notice or "", "worker", self.name]
+                      "model_name", result.model_name, "test_model", "1" if result.test_model else "", "worker", self.name]
             if await self._finish(keys, token, entry_id, keep_ms, "done", result.png, fields):
                 log.info("worker %s: done job %s in %.2f s", self.name, job_id, result.seconds)
         finally:

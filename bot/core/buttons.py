@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot import replies
-from bot.chat import Conversation, User, parse_button
+from bot.chat import Conversation, User
 from bot.commands import DrawCommand
 from bot.core.state import CoreState
 from bot.core.submitting import Submitter
@@ -14,17 +14,14 @@ class Buttons:
         self.state = state
         self.submitter = submitter
 
-    async def on_button(self, user: User, conv: Conversation, data: str) -> str | None:
-        """A button press (or /again, /reroll). Returns a short answer for the presser (toast / ephemeral)."""
-        parsed = parse_button(data)
-        if parsed is None:
-            return "That button is no longer valid."
-        action, job_id = parsed
+    async def on_button(self, user: User, conv: Conversation, action: str, job_id: str) -> str | None:
+        """A button press (or /again, /reroll), its payload already parsed by the adapter that encoded it. Returns
+        a short answer for the presser (toast / ephemeral)."""
         record = await self.state.store.get_job(job_id)
         if record is None:
-            return "I can't find that picture any more."
+            return replies.PICTURE_GONE
         if record.platform != user.platform or record.user_id != user.id:
-            return "Only the person who asked for this picture can use its buttons - send your own /draw!"
+            return replies.NOT_YOUR_PICTURE
         if action in ("reroll", "again"):
             seed = None if action == "reroll" else record.seed
             command = DrawCommand(prompt=record.prompt, seed=seed, steps=record.steps, width=record.width,

@@ -18,16 +18,17 @@ class Delivery:
         self.backoff = backoff
 
     async def deliver(self, record: JobRecord, conv: Conversation, *, png: bytes, seconds: float,
-                      notice: str | None, path: str | None) -> bool:
+                      test_model: bool, path: str | None) -> bool:
         """Send the finished picture, retrying with backoff; recorded as delivered exactly once."""
         state = self.state
         m = conv.markup
         picture = Picture(
             png=png,
             caption=replies.caption(m, prompt=record.prompt, seed=record.seed, steps=record.steps,
-                                    width=record.width, height=record.height, seconds=seconds, notice=notice),
+                                    width=record.width, height=record.height, seconds=seconds, test_model=test_model),
             job_id=record.id,
-            buttons=[Button("🎲 New seed", "reroll", record.id), Button("🔁 Same seed", "again", record.id)],
+            buttons=[Button(replies.NEW_SEED_LABEL, "reroll", record.id),
+                     Button(replies.SAME_SEED_LABEL, "again", record.id)],
             as_file=bool(record.reply_ref.get("as_file")),
             spoiler=state.config.policy.nsfw_spoiler,
             path=path,
@@ -61,5 +62,5 @@ class Delivery:
             await self.state.store.mark_failed(record.id, "the picture file was lost")
             return
         await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
-                           notice=replies.TEST_MODEL_NOTICE if self.state.is_test_model else None,
+                           test_model=self.state.is_test_model,
                            path=str(record.image_path))

@@ -39,8 +39,7 @@ class Dispatch:
         split = split_command(text)
         if split is None:
             if user.chat_kind == "private" and text.strip():
-                await conv.send_text(conv.markup.escape("Send /draw followed by what to draw, e.g. ")
-                                     + conv.markup.code(replies.EXAMPLES[0]) + conv.markup.escape(" - /help for more."))
+                await conv.send_text(replies.draw_hint(conv.markup))
             return
         command, rest, addressed_to = split
         if addressed_to and bot_username and addressed_to.lower() != bot_username.lower():
@@ -60,7 +59,7 @@ class Dispatch:
         }.get(command)
         if handler is None:
             if user.chat_kind == "private":
-                await conv.send_text(conv.markup.escape(f"I don't know /{command}. Try /help."))
+                await conv.send_text(replies.unknown_command(conv.markup, command))
             return
         await handler()
 
@@ -82,7 +81,10 @@ class Dispatch:
                 await conv.send_text(conv.markup.escape(replies.no_such_history_entry(n, len(shown))))
                 return
             target = shown[n - 1].id
-        answer = await self.buttons.on_button(user, conv, f"{action}:{target}")
+        if not target.isalnum():
+            await conv.send_text(conv.markup.escape(replies.BUTTON_INVALID))
+            return
+        answer = await self.buttons.on_button(user, conv, action, target)
         if answer and answer != replies.QUEUED_TOAST:  # accepted: the queue message already said so
             await conv.send_text(conv.markup.escape(answer))
 
@@ -90,11 +92,10 @@ class Dispatch:
         """/ban <user id>, /unban <user id>: admins only; the target is on the admin's own platform."""
         target = rest.strip()
         if not target or len(target.split()) != 1:
-            verb = "ban" if ban else "unban"
-            await conv.send_text(conv.markup.escape(f"Usage: /{verb} <user id>, e.g. /{verb} 123456789"))
+            await conv.send_text(replies.ban_usage(conv.markup, "ban" if ban else "unban"))
             return
-        answer = await (self.admin.ban if ban else self.admin.unban)(user, user.platform, target)
-        await conv.send_text(conv.markup.escape(answer))
+        outcome = await (self.admin.ban if ban else self.admin.unban)(user, user.platform, target)
+        await conv.send_text(replies.ban_outcome(conv.markup, outcome))
 
     # -- typed commands (Discord, the web page) --------------------------------------------------------------------
     async def draw(self, user: User, conv: Conversation, prompt: str, seed: int | None = None,

@@ -107,7 +107,7 @@ class Follower:
         except JobFailed as exc:
             return await self._failed(live, str(exc))
         await self._done(live, result)
-        return live.conv.markup.escape("Done.")
+        return replies.done(live.conv.markup)
 
     async def _cancelled(self, live: Live) -> str:
         self.state.metrics.finished("cancelled")
@@ -136,5 +136,5 @@ class Follower:
                  "-" if result.peak_vram_bytes is None else f"{result.peak_vram_bytes / 2**30:.2f}GiB")
         record = await state.store.get_job(live.record_id)
         assert record is not None  # just marked done; jobs are never deleted
-        await self.delivery.deliver(record, live.conv, png=result.png, seconds=result.seconds, notice=result.notice,
+        await self.delivery.deliver(record, live.conv, png=result.png, seconds=result.seconds, test_model=result.test_model,
                                     path=str(path))

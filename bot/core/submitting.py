@@ -26,17 +26,17 @@ class Submitter:
         self.follower = follower
         self.random_seed = random_seed
 
-    def refusal_by_policy(self, user: User, prompt: str) -> str | None:
+    def refusal_by_policy(self, user: User, prompt: str) -> replies.PolicyRefusal | None:
         policy = self.state.config.policy
         if policy.allowed_users and user.key not in policy.allowed_users and not self.admin.is_admin(user):
-            return "Sorry, this bot only draws for the people its owner allowed."
+            return replies.PolicyRefusal("user_not_allowed")
         chat_key = f"{user.platform}:{user.chat_id}"
         if policy.allowed_chats and chat_key not in policy.allowed_chats and not self.admin.is_admin(user):
-            return "Sorry, this bot does not draw in this chat."
+            return replies.PolicyRefusal("chat_not_allowed")
         for pattern in self.state.blocked:
             match = pattern.search(prompt)
             if match:
-                return f"Sorry, that prompt contains something this bot does not draw (“{replies.short(match.group(0), 40)}”)."
+                return replies.PolicyRefusal("blocked_word", match.group(0))
         return None
 
     async def submit(self, user: User, conv: Conversation, command: DrawCommand) -> str | None:
@@ -45,13 +45,13 @@ class Submitter:
         m = conv.markup
         if not state.accepting:
             state.metrics.refused("restarting")
-            await conv.send_text(m.escape("The bot is restarting; please try again in a minute."))
+            await conv.send_text(replies.restarting_refusal(m))
             return None
         refusal = self.refusal_by_policy(user, command.prompt)
         if refusal:
             state.metrics.refused("policy")
             log.info("refused platform=%s user=%s reason=policy", user.platform, user.id)
-            await conv.send_text(m.escape(refusal))
+            await conv.send_text(replies.policy_refusal(m, refusal))
             return None
         seed = self.random_seed() if command.seed is None else command.seed
         request = GenerationRequest(command.prompt, seed, command.steps, command.width, command.height)

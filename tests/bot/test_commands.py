@@ -7,11 +7,12 @@ import re
 import subprocess
 import sys
 import unicodedata
+from dataclasses import replace
 
 import pytest
 
+from bot.chat import PlainMarkup
 from bot.commands import (
-    DRAW_EXAMPLES,
     SEED_MAX,
     SIZE_PRESETS,
     DrawCommand,
@@ -23,6 +24,7 @@ from bot.commands import (
     split_command,
     validate_draw,
 )
+from bot.replies import EXAMPLES, help_text
 
 RULES = DrawRules(
     min_steps=1, max_steps=50, default_steps=20, width=1024, height=1024, max_prompt_chars=1000, max_prompt_tokens=512
@@ -534,12 +536,30 @@ def test_presets_are_listed_and_distinct() -> None:
 
 
 def test_draw_examples_are_valid_commands() -> None:
-    assert 2 <= len(DRAW_EXAMPLES) <= 3
-    for example in DRAW_EXAMPLES:
+    assert 2 <= len(EXAMPLES) <= 3
+    for example in EXAMPLES:
         name, args, _ = split_command(example)
         assert name == "draw"
         for rules in (RULES, ODD_RULES):
             parse_draw(args, rules)
+
+
+class Ticks(PlainMarkup):
+    def code(self, text: str) -> str:
+        return f"`{text}`"
+
+
+@pytest.mark.parametrize("rules", [RULES, ODD_RULES, replace(ODD_RULES, min_steps=1, max_steps=4, default_steps=2)])
+def test_every_example_the_help_shows_is_valid_under_the_configured_ranges(rules: DrawRules) -> None:
+    """Help once showed `--steps 20` to a bot whose max_steps was lower: the example failed when tried."""
+    text = help_text(Ticks(), min_steps=rules.min_steps, max_steps=rules.max_steps, default_steps=rules.default_steps,
+                     is_test_model=False)
+    shown = re.findall(r"`(/draw [^`]*)`", text)
+    assert len(shown) >= 2
+    for example in shown:
+        _, args, _ = split_command(example)
+        parse_draw(args, rules)
+    assert f"Steps: {rules.min_steps}..{rules.max_steps}" in text
 
 
 _JUNK_PIECES = [

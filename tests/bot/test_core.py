@@ -9,6 +9,7 @@ import threading
 import pytest
 from PIL import Image
 
+from bot import replies
 from bot.chat import User
 from bot.config import Config, LimitSettings, PolicySettings
 from bot.core import ChatCore
@@ -97,15 +98,16 @@ async def test_reroll_by_owner_and_refusal_for_a_stranger(tiny_settings, store, 
     await core.on_text(ALICE, conv, "/draw a lighthouse")
     await core.drain()
     job_id = conv.pictures[0].job_id
-    answer = await core.on_button(BOB, conv, f"reroll:{job_id}")
+    answer = await core.on_button(BOB, conv, "reroll", job_id)
     assert "Only the person who asked" in answer
-    assert await core.on_button(ALICE, conv, f"reroll:{job_id}") == "Queued!"
-    assert await core.on_button(ALICE, conv, f"again:{job_id}") == "Queued!"
+    assert await core.on_button(ALICE, conv, "reroll", job_id) == "Queued!"
+    assert await core.on_button(ALICE, conv, "again", job_id) == "Queued!"
     await core.drain()
     seeds_delivered = sorted(int(p.caption.split("seed ")[1].split(" ")[0]) for p in conv.pictures)
     assert seeds_delivered == [11, 11, 22]  # the original, the same seed again, and one new seed
-    assert await core.on_button(ALICE, conv, "reroll:nosuchjob") == "I can't find that picture any more."
-    assert await core.on_button(ALICE, conv, "bogus") == "That button is no longer valid."
+    assert await core.on_button(ALICE, conv, "reroll", "nosuchjob") == "I can't find that picture any more."
+    await core.on_text(ALICE, conv, "/again bogus!")  # typed, not pressed: the core checks what it parses
+    assert conv.texts()[-1] == "That button is no longer valid."
 
 
 async def test_policy_blocked_words_and_allowlist(tiny_settings, store, engine):
@@ -268,6 +270,23 @@ async def test_housekeeping_redelivers_what_gave_up_and_applies_retention(tiny_s
     assert len(conv.pictures) == 2
     first, second = await store.get_job(record.id), (await store.history("console", "alice"))[0]
     assert first.image_path is None and second.image_path.is_file()  # only the newest picture is kept
+
+
+async def test_a_fresh_and_a_redelivered_test_model_picture_carry_the_same_notice(tiny_settings, store, engine):
+    """The engine only flags a test-model result; the one sentence about it is bot/replies.py's."""
+    core = ChatCore(make_config(tiny_settings), store, engine, is_test_model=True, delivery_attempts=1)
+    platform = RecordingPlatform()
+    core.add_platform(platform)
+    conv = platform.conversation({"chat": "c1"})
+    conv.fail_pictures = 1  # the first picture's delivery gives up: re-delivered later
+    await core.on_text(ALICE, conv, "/draw first")
+    await core.drain()
+    await core.housekeeping()  # delivered from the store, as after a restart
+    await core.on_text(ALICE, conv, "/draw second")
+    await core.drain()
+    redelivered, fresh = conv.pictures
+    assert redelivered.caption.splitlines()[0] == "first" and fresh.caption.splitlines()[0] == "second"
+    assert redelivered.caption.splitlines()[-1] == fresh.caption.splitlines()[-1] == replies.TEST_MODEL_NOTICE
 
 
 async def test_admin_bans_and_unbans_from_chat_and_others_cannot(tiny_settings, store, engine):

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from bot.chat import User
+from bot import replies
+from bot.chat import PlainMarkup, User
 from bot.config import Config, LimitSettings
 from bot.core import ChatCore
+from bot.core.admin import BanOutcome
 from bot.store import Store
 from engine.worker import Engine
 from tests.bot.conversation import RecordingConversation, RecordingPlatform
@@ -45,19 +47,25 @@ async def test_only_an_admin_cancels_someone_elses_job(tiny_settings, store, eng
     await core.on_text(ALICE, conv, "/draw a red fox --steps 20")
     await core.on_text(ALICE, conv, "/draw a blue fox --steps 2")
     first, second = sorted(await store.history("console", "alice"), key=lambda r: r.created_at)
-    assert await core.cancel_job(OWNER, second.id) == "Only the bot's admins can cancel other people's pictures."
+    assert await core.cancel_job(OWNER, second.id) == "not_admin"
     core.grant_admin(OWNER.key)
     assert core.is_admin(OWNER) and not core.is_admin(ALICE)
-    assert await core.cancel_job(OWNER, second.id) == f"Cancelled {second.id}."
+    assert await core.cancel_job(OWNER, second.id) == "cancelled"
     await core.drain()
     assert (await store.get_job(second.id)).status == "cancelled"
     assert (await store.get_job(first.id)).status == "done"
-    assert await core.cancel_job(OWNER, second.id) == f"{second.id} is not waiting or drawing."
+    assert await core.cancel_job(OWNER, second.id) == "not_active"
+    assert replies.job_cancel(PlainMarkup(), "not_active", second.id) == f"{second.id} is not waiting or drawing."
 
 
 async def test_a_granted_admin_may_ban_and_has_no_limits(tiny_settings, store, engine):
     core = make_core(tiny_settings, store, engine)
-    assert await core.ban(OWNER, "console", "alice") == "Only the bot's admins can ban."
+    assert said(await core.ban(OWNER, "console", "alice")) == "Only the bot's admins can ban."
     core.grant_admin(OWNER.key)
-    assert await core.ban(OWNER, "console", "alice") == "console:alice is banned (until an admin unbans them)."
-    assert await core.unban(OWNER, "console", "alice") == "console:alice may draw again."
+    assert await core.ban(OWNER, "console", "alice") == BanOutcome("ban", "banned", "console:alice")  # data
+    assert said(await core.ban(OWNER, "console", "alice")) == "console:alice is already banned."
+    assert said(await core.unban(OWNER, "console", "alice")) == "console:alice may draw again."
+
+
+def said(outcome: BanOutcome) -> str:
+    return replies.ban_outcome(PlainMarkup(), outcome)

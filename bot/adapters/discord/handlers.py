@@ -15,6 +15,7 @@ import discord
 from discord import app_commands
 
 from bot import replies
+from bot.replies import ADMINS_ONLY, NOT_IN_DMS, NOT_IN_THIS_CHANNEL, NOT_IN_THIS_SERVER, SOMETHING_WENT_WRONG
 from bot.adapters.discord.conversation import ConversationRef, DiscordConversation, DiscordLink
 from bot.adapters.discord.markup import NO_PINGS, DiscordMarkdown
 from bot.chat import User
@@ -24,12 +25,7 @@ from bot.core import ChatCore
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
-NOT_IN_DMS = "I only draw in servers, not in direct messages."
-NOT_IN_THIS_SERVER = "This bot is not enabled in this server."
-NOT_IN_THIS_CHANNEL = "I only draw in the channels the server's owner picked for me - try another channel."
-ADMINS_ONLY = "Only the bot's admins can use this."
-SOMETHING_WENT_WRONG = "Sorry, something went wrong with that command. Please try again."
-_STATUS_ICONS = {"queued": "⏳", "running": "🎨"}
+_ACTIVE = ("queued", "running")
 
 
 class DiscordHandlers:
@@ -143,7 +139,7 @@ class DiscordHandlers:
             return
         conv = self.conversation(interaction, ephemeral=False)
         try:
-            answer = await self.core.on_button(self.user_of(interaction), conv, f"{action}:{job_id}")
+            answer = await self.core.on_button(self.user_of(interaction), conv, action, job_id)
             if action == "delete" and answer is None:
                 await self._delete_pressed_message(interaction)
                 return
@@ -180,43 +176,24 @@ class DiscordHandlers:
         conv = await self._admin_conversation(interaction)
         if conv is None:
             return
-        m = self.markup
-        jobs = [r for r in await self.core.store.unfinished_jobs() if r.status in _STATUS_ICONS]
-        if not jobs:
-            await conv.send_text(m.escape("Nothing is waiting or being drawn."))
-            return
-        now = self._clock()
-        lines = [m.bold(f"{len(jobs)} picture{'s' if len(jobs) != 1 else ''} waiting or being drawn:")]
-        for n, r in enumerate(jobs[:20], start=1):
-            who = f"<@{r.user_id}>" if r.platform == PLATFORM and r.user_id.isdigit() else m.escape(
-                f"{r.platform}:{r.user_id}")
-            lines.append(m.escape(f"{n}. {_STATUS_ICONS[r.status]} ") + who
-                         + m.escape(f" · {r.steps} steps · {r.width}×{r.height} · "
-                                    f"{replies.relative_time(r.created_at, now)} · “{replies.short(r.prompt, 60)}”"))
-        if len(jobs) > 20:
-            lines.append(m.escape(f"… and {len(jobs) - 20} more."))
-        await conv.send_text("\n".join(lines))  # mentions render as names; NO_PINGS keeps them silent
+        jobs = [r for r in await self.core.store.unfinished_jobs() if r.status in _ACTIVE]
+
+        def who(platform: str, user_id: str) -> str:  # a mention renders as a name; NO_PINGS keeps it silent
+            return f"<@{user_id}>" if platform == PLATFORM and user_id.isdigit() else self.markup.escape(
+                f"{platform}:{user_id}")
+
+        await conv.send_text(replies.admin_queue(self.markup, jobs, self._clock(), who=who))
 
     async def admin_ban(self, interaction: discord.Interaction, target: discord.User) -> None:
         conv = await self._admin_conversation(interaction)
         if conv is None:
             return
-        text = await self.core.ban(self.user_of(interaction), PLATFORM, str(target.id))
-        await conv.send_text(self._with_mentions(text.replace(f"{PLATFORM}:{target.id}", f"<@{target.id}>")))
+        outcome = await self.core.ban(self.user_of(interaction), PLATFORM, str(target.id))
+        await conv.send_text(replies.ban_outcome(self.markup, outcome, who=f"<@{target.id}>"))  # shown, never pinged
 
     async def admin_unban(self, interaction: discord.Interaction, target: discord.User) -> None:
         conv = await self._admin_conversation(interaction)
         if conv is None:
             return
-        text = await self.core.unban(self.user_of(interaction), PLATFORM, str(target.id))
-        await conv.send_text(self._with_mentions(text.replace(f"{PLATFORM}:{target.id}", f"<@{target.id}>")))
-
-    def _with_mentions(self, text: str) -> str:
-        """Escape everything but the `<@id>` mentions this module wrote itself (shown as names, never pinged)."""
-        parts = text.split("<@")
-        out = [self.markup.escape(parts[0])]
-        for part in parts[1:]:
-            user_id, sep, rest = part.partition(">")
-            out.append(f"<@{user_id}>" + self.markup.escape(rest) if sep and user_id.isdigit()
-                       else self.markup.escape("<@" + part))
-        return "".join(out)
+        outcome = await self.core.unban(self.user_of(interaction), PLATFORM, str(target.id))
+        await conv.send_text(replies.ban_outcome(self.markup, outcome, who=f"<@{target.id}>"))

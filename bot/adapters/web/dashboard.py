@@ -15,7 +15,7 @@ from bot import replies
 from bot.adapters.web.drawing import web_user
 from bot.adapters.web.page import HIDDEN
 from bot.adapters.web.pictures import gallery_html
-from bot.chat import User
+from bot.chat import PlainMarkup, User
 from bot.core import ChatCore
 
 
@@ -90,14 +90,14 @@ def build_dashboard(core: ChatCore) -> gr.Blocks:
         job_id = (job_id or "").strip()
         if not job_id.isalnum():
             return "Paste a job id from the queue table."
-        return await core.cancel_job(_admin(request), job_id)
+        return replies.job_cancel(PlainMarkup(), await core.cancel_job(_admin(request), job_id), job_id)
 
     async def set_ban(target: str, request: gr.Request, lift: bool) -> str:
         platform, _, user_id = (target or "").strip().partition(":")
         if not platform or not user_id:
             return "Write the user as platform:id, as in the users table (e.g. telegram:12345)."
         admin = _admin(request)
-        return await (core.unban if lift else core.ban)(admin, platform, user_id)
+        return replies.ban_outcome(PlainMarkup(), await (core.unban if lift else core.ban)(admin, platform, user_id))
 
     async def ban(target: str, request: gr.Request) -> str:
         return await set_ban(target, request, False)

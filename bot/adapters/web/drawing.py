@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from bot.adapters.web.conversation import Feed, Inbox, WebConversation
+from bot import replies
 from bot.chat import User
 from bot.core import ChatCore
 from bot.store import JobRecord
@@ -65,13 +66,13 @@ class WebDrawing:
     async def button(self, user: User, action: str, job_id: str | None) -> AsyncIterator[Update]:
         """New seed ("reroll") or same seed ("again") of one of the user's pictures."""
         if not job_id:
-            yield Update("Draw a picture first.", final=True)
+            yield Update(replies.DRAW_FIRST, final=True)
             return
         feed = Feed()
         conv = WebConversation(user.id, self.inbox, feed)
         before = await self._newest(user)
-        answer = await self.core.on_button(user, conv, f"{action}:{job_id}")
-        if answer and answer != "Queued!":
+        answer = await self.core.on_button(user, conv, action, job_id)
+        if answer and answer != replies.QUEUED_TOAST:
             feed.say("answer", answer)
         async for update in self._follow(user, feed, before):
             yield update
@@ -84,7 +85,7 @@ class WebDrawing:
     async def _follow(self, user: User, feed: Feed, before: str | None) -> AsyncIterator[Update]:
         job_id = await self._newest(user)
         if job_id == before or job_id is None:  # refused: the core said why
-            yield Update(feed.latest or "Sorry, that did not work.", final=True)
+            yield Update(feed.latest or replies.DID_NOT_WORK, final=True)
             return
         started = time.monotonic()
         while True:
