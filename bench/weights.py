@@ -137,9 +137,21 @@ def _copy_tiny_tokenizers(files: weights.ModelFiles) -> None:
             shutil.copytree(src, dst)
 
 
+def _file_dtype(path: Path) -> str:
+    """The dtype of the largest tensor in a safetensors file, as the header names it."""
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(length))
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    largest = max(entries, key=lambda v: v["data_offsets"][1] - v["data_offsets"][0])
+    return str(largest["dtype"])
+
+
 def write_full_size(models_dir: Path, *, device: str | None = None, parts: tuple[str, ...] = ("dit", "clip", "t5", "vae"),
-                    log: Callable[[str], None] = print) -> weights.ModelFiles:
-    """Write every missing or wrong file; returns the checked layout. Idempotent."""
+                    log: Callable[[str], None] = print, dit_dtype: torch.dtype = torch.float8_e4m3fn
+                    ) -> weights.ModelFiles:
+    """Write every missing or wrong file (a DiT of another dtype than `dit_dtype` counts as wrong); returns the
+    checked layout. Idempotent."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     files = weights.real_model_files(models_dir)
     maps = all_shapes()
@@ -147,7 +159,7 @@ def write_full_size(models_dir: Path, *, device: str | None = None, parts: tuple
                 if k == "shared.weight" or any(k.startswith(f"encoder.block.{i}.") for i in range(12))}
     t5_second = {k: v for k, v in maps["t5"].items() if k not in t5_first}
     jobs = {
-        "dit": [(files.dit, maps["dit"], torch.float8_e4m3fn)],
+        "dit": [(files.dit, maps["dit"], dit_dtype)],
         "clip": [(files.clip, maps["clip"], torch.bfloat16)],
         "t5": [(files.t5[0], t5_first, torch.bfloat16), (files.t5[1], t5_second, torch.bfloat16)],
         "vae": [(files.vae, maps["vae"], torch.bfloat16)],
@@ -156,7 +168,8 @@ def write_full_size(models_dir: Path, *, device: str | None = None, parts: tuple
         paths = [p for p, _, _ in jobs[part]]
         try:
             ok = all(p.is_file() for p in paths) and hash_model_file(
-                [str(p) for p in paths] if len(paths) > 1 else str(paths[0])) == weights.REAL_HASHES[part]
+                [str(p) for p in paths] if len(paths) > 1 else str(paths[0])) == weights.REAL_HASHES[part] \
+                and all(_file_dtype(p) == _DTYPE_NAMES[dtype] for p, _, dtype in jobs[part])
         except Exception:
             ok = False
         if ok:
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=Path("bench-models"))
     parser.add_argument("--check-maps", action="store_true", help="only check the key maps against the real hashes")
     parser.add_argument("--parts", default="dit,clip,t5,vae")
+    parser.add_argument("--dit-dtype", choices=("float8", "bf16"), default="float8",
+                        help="the DiT file's dtype (the real MajicFLUX file's is not known: the bench loads both)")
     args = parser.parse_args(argv)
     maps = all_shapes()
     for part, shapes in maps.items():
@@ -189,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{part}: {len(shapes)} keys, {params:,} params, hash {_hash(shapes)} = DiffSynth's")
     if args.check_maps:
         return 0
-    files = write_full_size(args.models_dir, parts=tuple(args.parts.split(",")))
+    dit_dtype = torch.float8_e4m3fn if args.dit_dtype == "float8" else torch.bfloat16
+    files = write_full_size(args.models_dir, parts=tuple(args.parts.split(",")), dit_dtype=dit_dtype)
     problems = weights.check(files, fix="python -m bench.weights") if args.parts == "dit,clip,t5,vae" else []
     print("\n".join(problems) or "all files match DiffSynth's hashes")
     return 1 if problems else 0

@@ -115,8 +115,12 @@ class FluxPipeline:
             from engine.streaming import frugal_loading
 
             loading = frugal_loading()
+        sources = None
         with contextlib.redirect_stdout(chatter), loading:
-            pipe = _from_pretrained(files, plan, device)
+            if settings.mode == "stream":
+                pipe, sources = _load_for_streaming(files, plan, device)
+            else:
+                pipe = _from_pretrained(files, plan, device)
         log.debug("diffsynth said:\n%s", chatter.getvalue())
         log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device,
                  time.monotonic() - started, settings.mode, plan.vram_limit)
@@ -129,7 +133,8 @@ class FluxPipeline:
                                                   width=settings.width, height=settings.height,
                                                   fp8_compute=settings.fp8_compute,
                                                   torch_compile=settings.torch_compile,
-                                                  weight_cache=_weight_cache(settings, files))
+                                                  weight_cache=_weight_cache(settings, files),
+                                                  sources=sources)
         elif settings.fp8_compute or settings.torch_compile is True:
             log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         pipeline.size_cost = measure_size_cost(pipeline, settings)
@@ -241,17 +246,32 @@ def _weight_cache(settings: EngineSettings, files: weights.ModelFiles):
     return WeightCache(folder, {"dit": [files.dit], "t5": list(files.t5)})
 
 
-def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str):
+def _load_for_streaming(files: weights.ModelFiles, plan: MemoryPlan, device: str):
+    """Stream mode, in bounded host RAM: CLIP and the VAE (small) through DiffSynth's `from_pretrained`; the DiT and
+    T5 built without weights, read tensor by tensor from their files when engine.streaming packs them (see
+    engine.streaming.loading). Returns the pipeline and those two models' sources."""
+    from engine.streaming.loading import empty_model
+
+    pipe = _from_pretrained(files, plan, device, streamed=False)
+    pipe.dit, dit = empty_model([files.dit], "flux_dit", plan.dit)
+    pipe.text_encoder_2, t5 = empty_model(list(files.t5), "flux_text_encoder_t5", plan.t5 or plan.others)
+    pipe.vram_management_enabled = pipe.check_vram_management_state()
+    return pipe, {"dit": dit, "t5": t5}
+
+
+def _from_pretrained(files: weights.ModelFiles, plan: MemoryPlan, device: str, *, streamed: bool = True):
+    """DiffSynth's own loading (every model's state dict read at once); `streamed=False` leaves out the DiT and T5."""
     compat.apply()
     from diffsynth.pipelines.flux_image import FluxImagePipeline, ModelConfig
 
+    big = [ModelConfig(path=str(files.dit), **plan.dit),
+           ModelConfig(path=[str(p) for p in files.t5], **(plan.t5 or plan.others))] if streamed else []
     return FluxImagePipeline.from_pretrained(
         torch_dtype=torch.bfloat16,
         device=device,  # always explicit: DiffSynth's default is picked at import time
         model_configs=[
-            ModelConfig(path=str(files.dit), **plan.dit),
+            *big,
             ModelConfig(path=str(files.clip), **plan.others),
-            ModelConfig(path=[str(p) for p in files.t5], **(plan.t5 or plan.others)),
             ModelConfig(path=str(files.vae), **plan.others),  # one file -> vae_encoder + vae_decoder
         ],
         # Local folders: the defaults would download from a hub.

@@ -18,6 +18,7 @@ from engine.streaming.patches import Patches
 from engine.streaming.planning import (DECODE_TILES, DEFAULT_MARGIN_GB, DevicePeak, MemoryReport,
                                        choose_resident)
 from engine.streaming.prompt_cache import install_prompt_cache
+from engine.streaming.loading import SourceWeights
 from engine.streaming.weight_cache import WeightCache
 from engine.streaming.streamer import DEFAULT_SLOTS, ModelStreamer, SlotPool
 
@@ -46,19 +47,38 @@ def _dit_units(dit: Any) -> list[torch.nn.Module]:
     return [*dit.blocks, *dit.single_blocks]
 
 
+def _reader(sources: dict[str, SourceWeights], name: str):
+    source = sources.get(name)
+    return source.read if source is not None else None
+
+
+def _close(sources: dict[str, SourceWeights], name: str) -> None:
+    source = sources.get(name)
+    if source is not None:
+        log.info("%s packed from its files: %.2f GiB read", name, source.bytes_read / GIB)
+        source.close()
+
+
 class PipelineStreaming:
     """Streaming for a DiffSynth FluxImagePipeline: DiT and T5 streamed, CLIP and the VAE decoder resident."""
 
     def __init__(self, pipe, device: str | torch.device, *, slots: int = DEFAULT_SLOTS,
-                 compute_dtype: torch.dtype = torch.bfloat16, weight_cache: WeightCache | None = None):
+                 compute_dtype: torch.dtype = torch.bfloat16, weight_cache: WeightCache | None = None,
+                 sources: dict[str, SourceWeights] | None = None):
+        """`sources`: for a DiT / T5 built without weights (engine.streaming.loading), where their values are read
+        from ("dit", "t5"); each is closed once its model is packed."""
+        sources = sources or {}
         self.pipe = pipe
         self.device = torch.device(device)
         self.patches = Patches()
         """Every attribute set on DiffSynth's objects, by group: `patches.undo_all()` gives DiffSynth its own back."""
         self.dit = ModelStreamer("dit", pipe.dit, _dit_units(pipe.dit), self.device, compute_dtype=compute_dtype,
-                                 patches=self.patches, weight_cache=weight_cache)
+                                 patches=self.patches, weight_cache=weight_cache, source=_reader(sources, "dit"))
+        _close(sources, "dit")
         self.t5 = ModelStreamer("t5", pipe.text_encoder_2, _t5_units(pipe.text_encoder_2), self.device,
-                                compute_dtype=compute_dtype, patches=self.patches, weight_cache=weight_cache)
+                                compute_dtype=compute_dtype, patches=self.patches, weight_cache=weight_cache,
+                                source=_reader(sources, "t5"))
+        _close(sources, "t5")
         self.others = [ModelStreamer(name, getattr(pipe, name), [], self.device, compute_dtype=compute_dtype,
                                      patches=self.patches)
                        for name in ("text_encoder_1", "vae_decoder") if getattr(pipe, name, None) is not None]
@@ -246,14 +266,15 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
                      slots: int = DEFAULT_SLOTS, margin_gb: float = DEFAULT_MARGIN_GB,
                      fp8_compute: bool = False, torch_compile: bool | Literal["auto"] = False,
                      compile_backend="inductor", weight_cache: WeightCache | None = None,
-                     compile_other_size: bool = True) -> PipelineStreaming:
+                     compile_other_size: bool = True,
+                     sources: dict[str, SourceWeights] | None = None) -> PipelineStreaming:
     """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
     `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height,
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
     `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
     everything is streamed (the tests exercise the full streaming path that way). That first generation also
     compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone."""
-    streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache)
+    streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache, sources=sources)
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":

@@ -8,7 +8,7 @@ import functools
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -72,7 +72,17 @@ class _Unit:
 
     def point(self, views: list[torch.Tensor]) -> None:
         for entry, view in zip(self.entries, views):
-            entry.param.data = view
+            set_data(entry.param, view)
+
+
+def set_data(param: torch.Tensor, value: torch.Tensor) -> None:
+    """`param.data = value`; a parameter built on `meta` (engine.streaming.loading) cannot take data of another
+    device type that way, so the first time its tensor is swapped in place: the same Python object (DiffSynth's
+    wrappers and our entries keep it) now holds `value`."""
+    if param.is_meta and not value.is_meta:
+        torch.utils.swap_tensors(param, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+    else:
+        param.data = value
 
 
 def _wrapper_of(model: torch.nn.Module) -> dict[int, AutoTorchModule]:
@@ -179,7 +189,10 @@ class ModelStreamer:
 
     def __init__(self, name: str, model: torch.nn.Module, units: Sequence[torch.nn.Module], device: str | torch.device,
                  *, compute_dtype: torch.dtype = torch.bfloat16, pin: bool | None = None,
-                 patches: Patches | None = None, weight_cache: WeightCache | None = None):
+                 patches: Patches | None = None, weight_cache: WeightCache | None = None,
+                 source: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`source(param)` gives a parameter's value (in its dtype, on the CPU) when the model was built without
+        weights (engine.streaming.loading: parameters on `meta`); by default the parameters hold their values."""
         self.name = name
         self.patches = patches if patches is not None else Patches()
         self.model = model
@@ -197,6 +210,7 @@ class ModelStreamer:
         self._active: tuple[int, int] | None = None
         self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
         pin = self.device.type == "cuda" if pin is None else pin
+        read: Callable[[torch.Tensor], torch.Tensor] = source if source is not None else (lambda param: param.data)
 
         owners = _wrapper_of(model)
         seen: set[int] = set()
@@ -213,9 +227,10 @@ class ModelStreamer:
                 offset = _align(offset + nbytes)
             self.units.append(_Unit(index, module, entries, offset))
 
-        # Pack all units into one host allocation, unit by unit (each on its own pages), dropping each original tensor
-        # once copied, so the host holds little more than one copy at any time. With a weight cache, the allocation
-        # is the mapped cache file instead (built once, one unit at a time), and nothing is page-locked.
+        # Pack all units into one host allocation, unit by unit (each on its own pages), reading or dropping each
+        # original tensor once copied, so the host holds little more than one copy at any time. With a weight cache,
+        # the allocation is the mapped cache file instead (built once, one tensor at a time), and nothing is
+        # page-locked.
         total = sum(page_align(u.nbytes) for u in self.units)
         self.file_backed = weight_cache is not None and bool(self.units)
         if self.file_backed:
@@ -225,7 +240,7 @@ class ModelStreamer:
             def write_unit(index: int, buffer: torch.Tensor) -> None:
                 unit = self.units[index]
                 for entry, view in zip(unit.entries, unit.views(buffer)):
-                    view.copy_(entry.param.data)
+                    view.copy_(read(entry.param))
 
             self.host_memory: HostMemory | FileMemory = weight_cache.memory(name, layout, total, write_unit)
             pin = False
@@ -238,7 +253,7 @@ class ModelStreamer:
             unit.host_views = unit.views(unit.host)
             if not self.file_backed:
                 for entry, view in zip(unit.entries, unit.host_views):
-                    view.copy_(entry.param.data)  # same dtype, or an exact upcast of a small norm scale
+                    view.copy_(read(entry.param))  # same dtype, or an exact upcast of a small norm scale
             unit.point(unit.host_views)
             start += page_align(unit.nbytes)
             return_freed_host_memory()  # unit by unit: the host never holds much more than one copy
@@ -253,7 +268,7 @@ class ModelStreamer:
                 continue
             seen.add(id(param))
             dtype = _device_dtype(owners.get(id(param)), param, compute_dtype)
-            param.data = param.data.to(device=self.device, dtype=dtype)
+            set_data(param, read(param).to(device=self.device, dtype=dtype))
             self.global_bytes += param.numel() * dtype.itemsize
         for name_, buffer in model.named_buffers():
             if buffer.device != self.device:
