@@ -37,7 +37,8 @@ MIN_TORCH = (2, 4)
 # Python, torch and DiffSynth. offload: fp8 DiT 11.1 + bf16 T5 9.1 + CLIP/VAE 0.4 = 20.6; stream: fp8 DiT 11.1 +
 # fp8 T5 4.6 + 0.4 = 16.1 while loading (the bot process peaked at 17.7 GiB, bench/startup.py), then less: the GPU's
 # blocks give their host copies back (13.9 GiB at an 8 GB budget, 9.7 at 12); resident: what loading passes through.
-RAM_NEEDED_GIB = {"offload": 24.0, "stream": 20.0, "resident": 12.0}  # load peaks measured in bench/ (RSS)
+RAM_NEEDED_GIB = {"offload": 24.0, "resident": 12.0}  # load peaks measured in bench/ (RSS)
+# stream: engine.host_ram says, by the weight path the budget picks (pinned 17.7 GiB, file-backed 10 GiB)
 RESIDENT_VRAM_GIB = 24.0
 """`resident` keeps fp8 DiT + bf16 T5/CLIP/VAE (~22 GiB) on the card, plus activations."""
 SLOW_BUDGET_GIB = 6.0
@@ -312,10 +313,16 @@ def check_ram(config: Config, facts: Facts) -> Check:
     have = f"{_gib(facts.ram_total)} RAM, {_gib(facts.ram_available)} available"
     if engine.model == "tiny":
         return Check("ram", Verdict.OK, f"{have} (the tiny model needs little)")
-    need = RAM_NEEDED_GIB[engine.mode]
-    detail = f"{have}; mode {engine.mode} needs ~{need:g} GiB"
-    if engine.mode == "stream":
-        detail += "\n" + _weight_path_line(engine, facts)
+    if engine.mode != "stream":
+        need = RAM_NEEDED_GIB[engine.mode]
+        detail = f"{have}; mode {engine.mode} needs ~{need:g} GiB"
+    else:
+        from engine import host_ram
+
+        need = host_ram.need_gib(engine, available=facts.ram_available / GIB)
+        path = host_ram.weight_path(engine, available=facts.ram_available / GIB)
+        detail = (f"{have}; mode stream with {'pinned' if path == 'pinned' else 'file-backed'} weights needs "
+                  f"~{need:g} GiB\n" + _weight_path_line(engine, facts))
     if facts.ram_total / GIB >= need:
         if facts.ram_available / GIB < need:
             return Check("ram", Verdict.WARN, detail,
@@ -326,7 +333,12 @@ def check_ram(config: Config, facts: Facts) -> Check:
                      "the model will only fit by swapping: loading and every picture will be slow; add RAM")
     advice = "add RAM or swap"
     if engine.mode == "offload":
-        advice += (", or try mode = \"stream\" (~{:g} GiB)".format(RAM_NEEDED_GIB["stream"]))
+        from engine import host_ram
+
+        advice += ", or try mode = \"stream\" (~{:g} GiB with file-backed weights)".format(
+            host_ram.FILE_PATH_GIB[engine.model])
+    elif engine.mode == "stream" and engine.host_ram_budget_gb != "auto":
+        advice += ", or set [engine] host_ram_budget_gb = \"auto\" (file-backed weights where RAM is short)"
     return Check("ram", Verdict.FAIL, detail, advice)
 
 

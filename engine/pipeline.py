@@ -243,7 +243,21 @@ def _weight_cache(settings: EngineSettings, files: weights.ModelFiles):
         return None
     folder = host_ram.weight_cache_dir(settings)
     log.info("host RAM budget %.1f GiB < %.1f GiB: weights file-backed (weight cache in %s)", budget, need, folder)
+    _limit_compile_workers(host_ram.FILE_PATH_COMPILE_THREADS)
     return WeightCache(folder, {"dit": [files.dit], "t5": list(files.t5)})
+
+
+def _limit_compile_workers(threads: int) -> None:
+    """Where host RAM is short: torch.compile's worker processes (one per core by default, each importing torch and
+    Triton) would take more anonymous memory than the whole file-backed engine; fewer workers only compile slower."""
+    try:
+        from torch._inductor import config as inductor
+    except ImportError:  # no Inductor: nothing compiles
+        return
+    current = inductor.compile_threads
+    if current is None or current > threads:
+        log.info("torch.compile workers: %d instead of %s (host RAM is short)", threads, current)
+        inductor.compile_threads = threads
 
 
 def _load_for_streaming(files: weights.ModelFiles, plan: MemoryPlan, device: str):

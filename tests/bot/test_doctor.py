@@ -193,8 +193,14 @@ def test_host_ram_against_the_mode(tmp_path):
     check = checks_by_name(real_config(tmp_path, mode="offload"), small)["ram"]
     assert check.verdict is Verdict.FAIL and "~24 GiB" in check.detail and "stream" in check.fix
     swapping = replace(small, swap_total=16 * GIB)
-    assert checks_by_name(real_config(tmp_path), swapping)["ram"].verdict is Verdict.WARN
-    assert checks_by_name(real_config(tmp_path), small)["ram"].verdict is Verdict.FAIL  # stream, the default
+    assert checks_by_name(real_config(tmp_path, mode="offload"), swapping)["ram"].verdict is Verdict.WARN
+    sixteen = checks_by_name(real_config(tmp_path), small)["ram"]  # stream, the default: file-backed weights
+    assert sixteen.verdict is Verdict.OK and "file-backed weights needs ~10 GiB" in sixteen.detail
+    eight = checks_by_name(real_config(tmp_path), replace(small, ram_total=8 * GIB, ram_available=6 * GIB))["ram"]
+    assert eight.verdict is Verdict.FAIL and "~10 GiB" in eight.detail
+    forced = checks_by_name(real_config(tmp_path, host_ram_budget_gb=64), small)["ram"]  # pinned on a 16 GB PC
+    assert forced.verdict is Verdict.FAIL and "pinned weights needs ~17.7 GiB" in forced.detail
+    assert 'host_ram_budget_gb = "auto"' in forced.fix
     assert checks_by_name(real_config(tmp_path, mode="stream"), replace(small, ram_total=24 * GIB,
                                                                        ram_available=23 * GIB))["ram"].verdict \
         is Verdict.OK

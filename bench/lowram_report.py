@@ -1,0 +1,121 @@
+"""The table of one `bench/lowram.sh` run (issue 13), from the files it wrote: s/step of the pinned engine and of
+the file-backed one in a 10 GiB memory cgroup (warm and dropped page cache) against the transfer floor (bytes
+streamed per step / the cache file's measured read rate), memory (anonymous, file-backed, pinned), start-up from a
+cold page cache against bytes / the cold read rate, and the first cache builds from a float8 and a bf16 DiT file.
+Missing parts (a step that timed out or was killed) show as '-'.
+
+    python -m bench.lowram_report DIR [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def _lines(path: Path) -> list[dict]:
+    """Every JSON object in a file: a whole-file JSON list (bench.startup --out) or JSON lines among other text."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except ValueError:
+        pass
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+    return found
+
+
+def _event(events: list[dict], name: str) -> dict:
+    return next((e for e in events if e.get("event") == name), {})
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summarize(folder: Path) -> dict:
+    pinned = _lines(folder / "pinned8.json")
+    warm_rate = (_lines(folder / "read_warm.json") or [{}])[0].get("GBps")
+    cold_rate = (_lines(folder / "read_cold.json") or [{}])[0].get("GBps")
+    runs: dict = {"pinned": {"s_per_step": _event(pinned, "picture").get("s_per_step"),
+                             "load_s": _event(pinned, "loaded").get("seconds"),
+                             "pinned_gib": _event(pinned, "loaded").get("pinned_gib"),
+                             "rss_anon_gib": _event(pinned, "loaded").get("rssanon_gib"),
+                             "peak_rss_gib": _event(pinned, "picture").get("peak_rss_gib")}}
+    for name, rate in (("file_warm", warm_rate), ("file_cold", cold_rate)):
+        events = _lines(folder / f"file8_{name.split('_')[1]}.json")
+        loaded, picture = _event(events, "loaded"), _event(events, "picture")
+        memory = (_lines(folder / f"{name}.mem.json") or [{}])[0]
+        streamed = loaded.get("dit_streamed_gib")
+        floor = streamed * GIB / (rate * 1e9) if streamed is not None and rate else None
+        runs[name] = {"s_per_step": picture.get("s_per_step"), "picture_s": picture.get("seconds"),
+                      "load_s": loaded.get("seconds"), "dit_streamed_gib": streamed, "read_GBps": rate,
+                      "floor_s": floor, "pinned_gib": picture.get("pinned_gib", loaded.get("pinned_gib")),
+                      "rss_anon_gib": picture.get("rssanon_gib"), "peak_rss_gib": picture.get("peak_rss_gib"),
+                      **memory}
+    builds = {}
+    for label in ("float8", "bf16"):
+        build = next((e for e in _lines(folder / f"build_{label}.json") if "total_s" in e), {})
+        memory = (_lines(folder / f"build_{label}.mem.json") or [{}])[0]
+        builds[label] = {**build, **{k: v for k, v in memory.items() if k != "run"}}
+    written = sum(builds["float8"].get(m, {}).get("written_gib", 0) for m in ("dit", "t5")) or None
+    cold_start = (written * GIB / (cold_rate * 1e9)) if written and cold_rate else None
+    return {"runs": runs, "builds": builds, "read_GBps": {"warm": warm_rate, "cold": cold_rate},
+            "startup_cold": {"load_s": runs["file_cold"]["load_s"], "cache_gib": written,
+                             "bytes_over_cold_rate_s": cold_start}}
+
+
+def table(summary: dict) -> str:
+    runs = summary["runs"]
+    pinned_step = runs["pinned"]["s_per_step"]
+    rows = ["| run | s/step | floor s | vs max(pinned, floor) | load s | anon max GiB | file max GiB | pinned GiB | "
+            "cgroup peak GiB | oom |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in runs.items():
+        bound = max([v for v in (pinned_step, run.get("floor_s")) if v is not None], default=None)
+        ratio = run["s_per_step"] / bound if run.get("s_per_step") and bound else None
+        rows.append(f"| {name} | {_fmt(run.get('s_per_step'))} | {_fmt(run.get('floor_s'))} | "
+                    f"{_fmt(ratio, 2) if name != 'pinned' else '-'} | {_fmt(run.get('load_s'), 1)} | "
+                    f"{_fmt(run.get('anon_max_gib', run.get('rss_anon_gib')), 2)} | {_fmt(run.get('file_max_gib'), 2)} | "
+                    f"{_fmt(run.get('pinned_gib'), 2)} | {_fmt(run.get('cgroup_peak_gib'), 2)} | "
+                    f"{_fmt(run.get('oom_kill'))} |")
+    rows += ["", "| first cache build | s | DiT read GiB | T5 read GiB | written GiB | peak RSS GiB | anon max GiB | "
+             "cgroup peak GiB | oom |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, build in summary["builds"].items():
+        written = sum(build.get(m, {}).get("written_gib", 0) for m in ("dit", "t5")) if build else None
+        rows.append(f"| {label} DiT file | {_fmt(build.get('total_s'), 1)} | "
+                    f"{_fmt(build.get('dit', {}).get('read_gib'), 2)} | {_fmt(build.get('t5', {}).get('read_gib'), 2)} | "
+                    f"{_fmt(written, 2)} | {_fmt(build.get('peak_rss_gib'), 2)} | {_fmt(build.get('anon_max_gib'), 2)} | "
+                    f"{_fmt(build.get('cgroup_peak_gib'), 2)} | {_fmt(build.get('oom_kill'))} |")
+    cold = summary["startup_cold"]
+    rows += ["", f"read rates (cache file -> pinned staging -> GPU): warm {_fmt(summary['read_GBps']['warm'], 2)} GB/s, "
+             f"dropped page cache {_fmt(summary['read_GBps']['cold'], 2)} GB/s",
+             f"start-up from a cold page cache: {_fmt(cold['load_s'], 1)} s (calibration and compile included) vs "
+             f"{_fmt(cold['cache_gib'], 2)} GiB / cold rate = {_fmt(cold['bytes_over_cold_rate_s'], 1)} s"]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    summary = summarize(args.folder)
+    print(table(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
