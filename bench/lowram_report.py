@@ -45,7 +45,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def summarize(folder: Path) -> dict:
-    pinned = _lines(folder / "pinned8.json")
+    pinned = _lines(folder / "pinned8.json") or _lines(folder / "pinned.log")  # the log when it did not finish
     warm_rate = (_lines(folder / "read_warm.json") or [{}])[0].get("GBps")
     cold_rate = (_lines(folder / "read_cold.json") or [{}])[0].get("GBps")
     runs: dict = {"pinned": {"s_per_step": _event(pinned, "picture").get("s_per_step"),
@@ -54,7 +54,7 @@ def summarize(folder: Path) -> dict:
                              "rss_anon_gib": _event(pinned, "loaded").get("rssanon_gib"),
                              "peak_rss_gib": _event(pinned, "picture").get("peak_rss_gib")}}
     for name, rate in (("file_warm", warm_rate), ("file_cold", cold_rate)):
-        events = _lines(folder / f"file8_{name.split('_')[1]}.json")
+        events = _lines(folder / f"file8_{name.split('_')[1]}.json") or _lines(folder / f"{name}.log")
         loaded, picture = _event(events, "loaded"), _event(events, "picture")
         memory = (_lines(folder / f"{name}.mem.json") or [{}])[0]
         streamed = loaded.get("dit_streamed_gib")
