@@ -98,8 +98,10 @@ class Dispatch:
         await conv.send_text(replies.ban_outcome(conv.markup, outcome))
 
     # -- typed commands (Discord, the web page) --------------------------------------------------------------------
-    async def draw(self, user: User, conv: Conversation, prompt: str, seed: int | None = None,
-                   steps: int | None = None, size: str | None = None, as_file: bool = False) -> None:
+    async def draw(self, user: User, conv: Conversation, prompt: str, seed: int | str | None = None,
+                   steps: int | str | None = None, size: str | None = None, as_file: bool = False) -> None:
+        """`seed` and `steps` as typed options, or as the user typed them (the web page's fields): a bad one gets
+        the same explanation as in a chat."""
         try:
             command = validate_draw(prompt, seed, steps, self.rules, size=size, as_file=as_file)
         except UsageError as exc:
