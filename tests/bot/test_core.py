@@ -3,51 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 
 import pytest
-from PIL import Image
 
 from bot import replies
 from bot.chat import User
-from bot.config import Config, LimitSettings, PolicySettings
+from bot.config import PolicySettings
 from bot.core import ChatCore
-from bot.store import Store
 from engine.png import read_parameters
 from engine.worker import Engine
+from tests.bot.conftest import core_for, make_config
 from tests.bot.conversation import RecordingConversation, RecordingPlatform
 
 ALICE = User("console", "alice", "Alice", chat_id="c1")
 BOB = User("console", "bob", "Bob", chat_id="c1")
-
-
-def make_config(tiny_settings, **limits) -> Config:
-    base = dict(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0, queue_cap=50)
-    base.update(limits)
-    return Config(engine=tiny_settings.model_copy(update={"default_steps": 2}), limits=LimitSettings(**base))
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def engine(tiny_pipeline):
-    engine = Engine(lambda: tiny_pipeline)
-    await engine.start()
-    yield engine
-    await engine.close(timeout=30)
-
-
-def core_for(config, store, engine, **kw) -> ChatCore:
-    core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01, **kw)
-    platform = RecordingPlatform()
-    core.add_platform(platform)
-    return core
 
 
 async def test_draw_acks_progresses_and_delivers_with_the_seed(tiny_settings, store, engine):

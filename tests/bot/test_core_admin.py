@@ -3,46 +3,18 @@ page's admin password). Real tiny engine, real SQLite store; only the chat is a 
 
 from __future__ import annotations
 
-import pytest
-
 from bot import replies
 from bot.chat import PlainMarkup, User
-from bot.config import Config, LimitSettings
-from bot.core import ChatCore
 from bot.core.admin import BanOutcome
-from bot.store import Store
-from engine.worker import Engine
-from tests.bot.conversation import RecordingConversation, RecordingPlatform
+from tests.bot.conftest import core_for, make_config
+from tests.bot.conversation import RecordingConversation
 
 ALICE = User("console", "alice", "Alice", chat_id="c1")
 OWNER = User("web", "@owner", "owner")
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-async def engine(tiny_pipeline):
-    engine = Engine(lambda: tiny_pipeline)
-    await engine.start()
-    yield engine
-    await engine.close(timeout=30)
-
-
-def make_core(tiny_settings, store, engine) -> ChatCore:
-    limits = LimitSettings(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0)
-    config = Config(engine=tiny_settings.model_copy(update={"default_steps": 2}), limits=limits)
-    core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01)
-    core.add_platform(RecordingPlatform())
-    return core
-
-
 async def test_only_an_admin_cancels_someone_elses_job(tiny_settings, store, engine):
-    core = make_core(tiny_settings, store, engine)
+    core = core_for(make_config(tiny_settings), store, engine)
     conv = RecordingConversation()
     await core.on_text(ALICE, conv, "/draw a red fox --steps 20")
     await core.on_text(ALICE, conv, "/draw a blue fox --steps 2")
@@ -59,7 +31,7 @@ async def test_only_an_admin_cancels_someone_elses_job(tiny_settings, store, eng
 
 
 async def test_a_granted_admin_may_ban_and_has_no_limits(tiny_settings, store, engine):
-    core = make_core(tiny_settings, store, engine)
+    core = core_for(make_config(tiny_settings), store, engine)
     assert said(await core.ban(OWNER, "console", "alice")) == "Only the bot's admins can ban."
     core.grant_admin(OWNER.key)
     assert await core.ban(OWNER, "console", "alice") == BanOutcome("ban", "banned", "console:alice")  # data

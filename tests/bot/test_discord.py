@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import discord
 import pytest
 
 from bot.adapters.discord import DiscordPlatform
@@ -70,13 +69,6 @@ async def world(discord_urls: None, tmp_path: Path) -> AsyncIterator[World]:
         fake.add_member(guild, bob)
         yield World(fake, guild, guild.channel("general"), alice, bob, tmp_path / "state")
         assert_nothing_could_ping_the_crowd(fake)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
-    yield store
-    await store.close()
 
 
 class PacedPipeline:

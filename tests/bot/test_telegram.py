@@ -30,6 +30,7 @@ from bot.config import Config, LimitSettings, TelegramSettings
 from bot.core import ChatCore
 from bot.store import Store
 from engine.worker import Engine
+from tests.bot.conftest import make_config
 from tests.fakes.telegram_api import CallbackQueryRecord, FakeChat, FakeTelegramServer, FakeUser, StoredMessage
 
 BOT_NAME = "DrawTestBot"
@@ -80,10 +81,8 @@ async def telegram_bot(
         store = await Store.open(tmp_path / "db.sqlite3", tmp_path / "images")
         engine = Engine(lambda: tiny_pipeline)
         await engine.start()
-        base = dict(cooldown_seconds=0, max_active_per_user=5, per_hour=0, per_day=0, queue_cap=50)
-        config = Config(engine=tiny_settings.model_copy(update={"default_steps": 2}),
-                        limits=LimitSettings(**{**base, **limits}),
-                        telegram=settings_for(tg, private=private_interval, group=group_interval))
+        config = make_config(tiny_settings, **limits).model_copy(
+            update={"telegram": settings_for(tg, private=private_interval, group=group_interval)})
         seed_iter = iter(seeds or [])
         core = ChatCore(config, store, engine, is_test_model=True, delivery_backoff=0.01,
                         **({"random_seed": lambda: next(seed_iter)} if seeds else {}))
