@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import re
 import subprocess
 import sys
+import time
 import unicodedata
 from dataclasses import replace
 
@@ -631,13 +633,37 @@ def test_junk_messages_never_crash_split_command() -> None:
             assert bot is None or re.fullmatch(r"[A-Za-z0-9_]+", bot)
 
 
-def test_long_inputs_stay_fast() -> None:
-    # Telegram allows 4096 characters; make sure pathological quoting is not quadratic on far more.
-    for text in ['"a ' * 20_000, "--png " * 20_000 + "fox", "“" * 50_000, "a\x00" * 50_000]:
-        try:
-            parse_draw(text, RULES)
-        except UsageError:
-            pass
+def _fastest_parse(text: str, repeats: int = 5) -> float:
+    """Seconds of the quickest of a few parses of `text`. The minimum shrugs off a busy machine; the garbage collector
+    is paused because collections set off by the parser's own allocations add time that grows faster than the text."""
+    best = float("inf")
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            try:
+                parse_draw(text, RULES)
+            except UsageError:
+                pass
+            best = min(best, time.perf_counter() - started)
+    finally:
+        gc.enable()
+    return best
+
+
+@pytest.mark.parametrize(("unit", "count", "tail"), [('"a ', 20_000, ""), ("--png ", 20_000, "fox"),
+                                                     ("“", 50_000, ""), ("a\x00", 50_000, "")])
+@pytest.mark.timeout(60)
+def test_long_inputs_stay_fast(unit: str, count: int, tail: str) -> None:
+    # Telegram allows 4096 characters; pathological quoting, flags and characters on far more must parse in linear
+    # time. The bound is on growth, measured here against the same input at an eighth of the length: 8x the text
+    # may take at most 24x as long (a linear parser measures 8-12x, a quadratic one 64x). The absolute ceiling is
+    # generous for a slow machine (0.02-0.2 s here, ten parses in all); a quadratic parser takes minutes at this
+    # size, so the timeout mark ends it (the ratio is checked only once the long parse returns).
+    small = _fastest_parse(unit * (count // 8) + tail)
+    large = _fastest_parse(unit * count + tail)
+    assert large < 24 * small, f"{large:.4f} s for 8x the text of {small:.4f} s: not linear"
+    assert large < 2.0, f"{large:.2f} s for {len(unit) * count} characters"
 
 
 def test_module_imports_no_torch_or_chat_library() -> None:
