@@ -113,9 +113,9 @@ class Upcaster:
             return weight
         if (weight.dtype == torch.float8_e4m3fn and dtype == torch.bfloat16 and weight.is_cuda
                 and target.type == "cuda" and weight.is_contiguous() and self.triton
-                and self._fast_kernel() is not None):
+                and (kernel := self._fast_kernel()) is not None):
             out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-            self._kernel(weight, out)
+            kernel(weight, out)
             return out
         out = torch.empty_like(weight, dtype=dtype, device=device)
         out.copy_(weight)
