@@ -239,8 +239,21 @@ def restarting(m: Markup) -> str:
 
 
 def console_stopping(m: Markup) -> str:
-    return m.escape("Stopping: the picture being drawn is finished first. Press Ctrl-C again to stop at once "
-                    "(it stays queued and is drawn at the next start).")
+    return m.escape("Stopping: the picture being drawn is finished first; pictures still waiting stay queued for the "
+                    "next start. Press Ctrl-C again to stop at once (the one being drawn stays queued too).")
+
+
+def disk_full_not_saved(m: Markup) -> str:
+    return m.escape("Sorry, your picture could not be saved: the bot's disk is full. It stays in the queue and is "
+                    "drawn again as soon as there is room.")
+
+
+def disk_full_refused(m: Markup) -> str:
+    return m.escape("Sorry, the bot's disk is full, so it cannot take new pictures right now. Please try again later.")
+
+
+def disk_full_busy(m: Markup) -> str:
+    return m.escape("Sorry, the bot's disk is full, so it cannot do that right now. Please try again later.")
 
 
 def ban_outcome(m: Markup, outcome: BanOutcome, *, who: str | None = None) -> str:

@@ -26,6 +26,7 @@ from bot.chat import PlainMarkup, ServedPlatform, TokenRefused
 from bot.config import Config, ConfigError, load_config, read_token
 from bot.core import ChatCore
 from bot.engine_setup import EngineSetupError, choose_model, start_engine
+from bot.diskspace import SPACE_MARGIN
 from bot.metrics import Metrics, MetricsServer, serve
 from bot.statelock import StateDirBusy, StateDirUnusable, StateLock
 from bot.store import Store, StoreError, remove_all_temporaries
@@ -223,6 +224,12 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     metrics.track_queue(lambda: engine.queue_length)
     core = ChatCore(config, store, engine, is_test_model=engine.info.is_test_model,
                     count_tokens=token_counter(tokenizer_dir), metrics=metrics)
+    free = core.disk.free()
+    if store.exclusive or (free is not None and free < SPACE_MARGIN):
+        say(f"warning: the disk holding {storage.state_dir} is full ({0 if free is None else free // 1024} KiB "
+            "free): the bot starts, but draws nothing and takes no new pictures until there is room; accepted "
+            "pictures are kept and drawn then")
+        core.disk_full("at start", told=True)
 
     platforms: list[ServedPlatform] = []
     console_input: InterruptibleLines | None = None
@@ -253,6 +260,8 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     loop = asyncio.get_running_loop()
 
 
+    told: set[str] = set()  # platforms whose people already heard what the stop means
+
     def on_stop_signal(sig: signal.Signals) -> None:
         if stop.is_set():  # pressed again while the picture is being finished: stop it now, it stays queued
             log.info("%s received again: stopping the running picture now", sig.name)
@@ -261,6 +270,7 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
         log.info("%s received: stopping", sig.name)
         if console is not None and sig is signal.SIGINT:
             console.say(replies.console_stopping(PlainMarkup()))
+            told.add(console.name)  # the person quitting: not also "the bot is restarting" for a waiting picture
         stop.set()
 
     def reload() -> None:
@@ -277,7 +287,7 @@ async def _run_owning_state_dir(config: Config, *, model_override: str | None, c
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         return await _serve(config, core, engine, store, platforms, stop, stop_timeout=stop_timeout,
-                            metrics=metrics, console_input=console_input)
+                            metrics=metrics, console_input=console_input, told=told)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -301,7 +311,8 @@ async def _housekeeping(core: ChatCore) -> None:
 
 
 async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms: list[ServedPlatform], stop: asyncio.Event, *,
-                 stop_timeout: float, metrics: Metrics, console_input: InterruptibleLines | None) -> int:
+                 stop_timeout: float, metrics: Metrics, console_input: InterruptibleLines | None,
+                 told: set[str] | None = None) -> int:
     """From recovery to a stopped, fully persisted bot."""
     metrics_server: MetricsServer | None = None
     if config.metrics.enabled:
@@ -346,7 +357,7 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
     log.info("stopping: no new jobs; the running one may finish within %.0f s", stop_timeout)
     if housekeeper is not None:
         housekeeper.cancel()
-    await core.stop_accepting()
+    await core.stop_accepting(told=told or set())
     if console_input is not None:
         console_input.close()
     # Queued jobs stay queued in the store; the running one finishes, or is stopped and retried at the next start.
@@ -365,6 +376,10 @@ async def _serve(config: Config, core: ChatCore, engine, store: Store, platforms
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()
+    unsaved = await core.save_kept()
+    if unsaved:
+        log.error("%d change(s) to jobs could not be saved for lack of room; the next start finds those jobs as they "
+                  "were saved before (a picture being drawn then is drawn again)", unsaved)
     await store.close()
     if metrics_server is not None:
         metrics_server.close()

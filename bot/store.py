@@ -12,15 +12,25 @@
 
 One `Store` serialises its own operations with an asyncio lock (one sqlite connection cannot hold two transactions);
 several `Store`s (or processes) on one file are serialised by SQLite's locking.
+
+A full disk is one error type, `DiskFull`, whether SQLite said it (SQLITE_FULL) or the file system (ENOSPC, EDQUOT
+while saving a picture): the core keeps what it could not write in memory until there is room again. A database in WAL
+mode cannot even be read when its shared-memory file cannot be made (the disk is full at start): it is then opened in
+SQLite's exclusive locking mode, which keeps that index in the process's memory, so the bot starts and reads; other
+processes cannot read the file until the next start (`Store.exclusive`). A small reserve file beside the database
+(RESERVE_BYTES) is the room its writes get when the disk fills: `release_reserve()`, `make_reserve()` once there is
+room again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import time
 import uuid
@@ -62,6 +72,9 @@ RESTART_FAILURE_MESSAGE = ("the bot stopped unexpectedly twice while drawing thi
 AVERAGE_OVER_LAST = 20
 """Finished jobs averaged for "try again in about ..." estimates."""
 STALE_TEMP_SECONDS = 3600.0
+RESERVE_BYTES = 256 * 1024
+"""Room set aside beside the database (`<database>.reserve`) and given up when the disk is full, so that the few job
+changes the bot must make then (a picture that could not be saved going back to the queue) still fit."""
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -136,6 +149,10 @@ APPLICATION_ID = 0x64726177  # "draw": SQLite's header field that tells whose fi
 
 class StoreError(Exception):
     """A storage problem, worded for the bot's owner."""
+
+
+class DiskFull(StoreError):
+    """The disk holding the database or the pictures is full: nothing was written (the change can be tried again)."""
 
 
 class InvalidJob(StoreError):
@@ -268,6 +285,8 @@ class Store:
         self._images_dir = images_dir
         self._clock = clock
         self._lock = asyncio.Lock()
+        self.exclusive = False
+        """Opened in exclusive locking mode (the disk was full at start): no other process can read the file."""
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -286,13 +305,31 @@ class Store:
             if needed.exists() and not os.access(needed, os.W_OK):
                 raise StoreError(_unreadable(path, sqlite3.OperationalError("attempt to write a readonly database")))
         try:
+            store = await cls._connect(path, images_dir, clock, exclusive=False)
+            await asyncio.to_thread(store.make_reserve)
+            return store
+        except DiskFull:
+            if not path.is_file():
+                raise  # a new database needs room for itself
+            # No room for the WAL index file: keep it in memory instead (see the module docstring).
+            store = await cls._connect(path, images_dir, clock, exclusive=True)
+            log.warning("%s: the disk is full, so the database is open for this process only until the next start",
+                        path)
+            return store
+
+    @classmethod
+    async def _connect(cls, path: Path, images_dir: Path, clock: Callable[[], float], *, exclusive: bool) -> Store:
+        try:
             # isolation_level=None: no implicit transactions; every write below says BEGIN IMMEDIATE itself.
             db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         except sqlite3.Error as exc:
-            raise StoreError(_unreadable(path, exc)) from None
+            raise _store_error(_unreadable(path, exc), exc) from None
         db.row_factory = sqlite3.Row
         store = cls(db, path, images_dir, clock)
         try:
+            if exclusive:
+                await db.execute("PRAGMA locking_mode = EXCLUSIVE")  # before the first read: no shared memory
+                store.exclusive = True
             await store._configure()
             await store._migrate()
         except BaseException:
@@ -321,7 +358,7 @@ class Store:
             tables = {row[0] for row in await self._rows(
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
         except sqlite3.DatabaseError as exc:
-            raise StoreError(_unreadable(self._path, exc)) from None
+            raise _store_error(_unreadable(self._path, exc), exc) from None
         problem = foreign_database(self._path, app_id, version, tables)
         if problem:
             raise StoreError(problem)
@@ -334,7 +371,7 @@ class Store:
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(_unreadable(self._path, exc)) from None
+            raise _store_error(_unreadable(self._path, exc), exc) from None
         if str(mode).lower() != "wal":
             log.warning("%s: SQLite would not switch to WAL mode (got %r); concurrent access will be slower",
                         self._path, mode)
@@ -362,6 +399,49 @@ class Store:
             if int(await self._scalar("PRAGMA application_id")) != APPLICATION_ID:
                 await self._db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
 
+    # ---- room on the disk ------------------------------------------------------------------------------------
+
+    @property
+    def _reserve(self) -> Path:
+        return self._path.with_name(self._path.name + ".reserve")
+
+    def spare_space(self) -> int:
+        """Bytes free for the bot on the fuller of the disks holding the database and the pictures, less what the
+        database's reserve needs to be made again (see RESERVE_BYTES)."""
+        free = min(shutil.disk_usage(folder).free for folder in (self._path.parent, self._images_dir))
+        return free - (0 if self._has_reserve() else RESERVE_BYTES)
+
+    def _has_reserve(self) -> bool:
+        try:
+            return self._reserve.stat().st_size >= RESERVE_BYTES
+        except OSError:
+            return False
+
+    def make_reserve(self) -> bool:
+        """Set the reserve aside when there is room for it (blocking: call in a thread). True when it is in place."""
+        if self._has_reserve():
+            return True
+        temporary = self._reserve.with_name(self._reserve.name + ".tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self._reserve)
+        except OSError:
+            temporary.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's room to the database's writes. True if there was one to give."""
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        return True
+
     # ---- transactions ----------------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -371,12 +451,12 @@ class Store:
             try:
                 await self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self._path} is busy or unavailable: {exc}") from None
+                raise _store_error(f"database {self._path} is busy or unavailable: {exc}", exc) from None
             try:
                 yield
             except sqlite3.Error as exc:
                 await self._db.rollback()
-                raise StoreError(f"database error in {self._path}: {exc}") from exc
+                raise _store_error(f"database error in {self._path}: {exc}", exc) from exc
             except BaseException:
                 await self._db.rollback()
                 raise
@@ -384,7 +464,7 @@ class Store:
                 await self._db.commit()
             except sqlite3.Error as exc:
                 await self._db.rollback()
-                raise StoreError(f"could not save to the database {self._path}: {exc}") from None
+                raise _store_error(f"could not save to the database {self._path}: {exc}", exc) from None
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[None]:
@@ -394,7 +474,7 @@ class Store:
             try:
                 yield
             except sqlite3.Error as exc:
-                raise StoreError(f"database error in {self._path}: {exc}") from exc
+                raise _store_error(f"database error in {self._path}: {exc}", exc) from exc
             finally:
                 await self._db.rollback()
 
@@ -577,7 +657,9 @@ class Store:
         try:
             await asyncio.to_thread(_write_synced, temporary, bytes(png))
         except OSError as exc:
-            raise StoreError(f"cannot save the picture of job {job_id} under {self._images_dir}: {exc}") from None
+            temporary.unlink(missing_ok=True)  # no half picture left behind (a full disk stops mid-file)
+            kind = DiskFull if exc.errno in _NO_SPACE else StoreError
+            raise kind(f"cannot save the picture of job {job_id} under {self._images_dir}: {exc}") from None
         try:
             async with self._write():
                 changed = await self._update(
@@ -867,10 +949,24 @@ def _unreadable(path: Path, exc: sqlite3.Error) -> str:
     if code == "SQLITE_CANTOPEN":
         return (f"cannot open the database {path}: make it and its folder writable by the bot's user, or point "
                 "[storage] database elsewhere")
-    if code == "SQLITE_FULL":
+    if _no_room(exc):
         return f"the disk holding the database {path} is full: free some space there"
     return (f"the database {path} is damaged ({exc}): move it away (the bot then creates a new one), or restore "
             "a backup")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _store_error(message: str, exc: sqlite3.Error) -> StoreError:
+    """StoreError for `exc`, DiskFull when SQLite could not write for lack of room."""
+    return DiskFull(message) if _no_room(exc) else StoreError(message)
+
+
+def _no_room(exc: sqlite3.Error) -> bool:
+    """SQLite could not write for lack of room: SQLITE_FULL, or the WAL index file it could not size (an I/O error
+    for SQLite, which the file system gives for a full disk)."""
+    return getattr(exc, "sqlite_errorname", "") in ("SQLITE_FULL", "SQLITE_IOERR_SHMSIZE")
 
 
 def _clip(text: str) -> str:

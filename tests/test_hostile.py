@@ -9,6 +9,7 @@ Conditions that need root (a tmpfs mount) skip with the reason when the tests ar
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import signal
@@ -132,6 +133,67 @@ def read_only_bind(mounted: list[Path], folder: Path) -> None:
     mount(mounted, "-o", "remount,bind,ro", str(folder))
 
 
+def fill(folder: Path) -> Path:
+    """Fill the file system holding `folder` to the last byte (as a runaway log would); returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for chunk in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_tells_the_user_keeps_the_job_starts_again_and_draws_it_when_room_returns(setup, tmp_path,
+                                                                                            mounts):
+    config, state, start = setup
+    state.mkdir()
+    mount(mounts, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state))
+    db = state / "drawbot.sqlite3"
+    first = start("first")
+    first.wait_ready()
+    first.send("/draw a heron on a full disk 5 60")  # long enough to fill the disk while it draws
+    wait_until(lambda: statuses(db) == ["running"], 60, "the job to start drawing", first)
+    filler = fill(state)
+
+    # Its picture cannot be saved: the user hears why, the job goes back to the queue (not left running).
+    wait_until(lambda: "could not be saved: the bot's disk is full" in first.out(), 120, "the user to be told", first)
+    wait_until(lambda: statuses(db) == ["queued"], 10, "the job to be queued again", first)
+    first.send("/usage")
+    first.send("/draw a second heron 6 1")
+    wait_until(lambda: "cannot take new pictures right now" in first.out(), 10, "the refusal", first)
+    assert "Waiting or drawing now: 1 of 10" in first.out()  # /usage agrees: one kept
+    assert "went wrong" not in first.out()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(60) == 0, first.err()
+    assert statuses(db) == ["queued"]  # kept for the next start, no crash retry counted
+    assert job_rows(db)[0]["attempts"] == 0
+
+    # A restart while the disk is still full: it starts, says so once, and draws when there is room again.
+    second = start("second")
+    second.wait_ready()
+    assert_one_clean_line(second.err(), "warning", str(state), "full")
+    second.send("/history")
+    wait_until(lambda: "a heron on a full disk" in second.out(), 10, "the history", second)
+    filler.unlink()
+    wait_until(lambda: "picture saved" in second.out(), 120, "the kept picture to be drawn", second)
+    second.proc.stdin.close()
+    assert second.proc.wait(60) == 0, second.err()
+
+    [row] = job_rows(db)
+    assert row["status"] == "done" and row["delivered_at"] is not None and (state / "images" / row["image_file"]).is_file()
+    for bot in (first, second):
+        assert "Traceback" not in bot.err() and "⏎" not in bot.err(), bot.err()
+    assert first.err().count("the disk is full (") == 1  # one line for the owner per episode, not one per message
+    assert second.err().count("the disk has room again") == 1
+    assert not list((state / "images").glob(".*.tmp"))
+
+
 def test_a_read_only_state_dir_exits_2_and_keeps_the_history(setup, tmp_path, mounts):
     config, state, _ = setup
     rows = draw_one_picture(config, tmp_path)
@@ -222,15 +284,18 @@ def test_ctrl_c_in_the_console_says_what_happens_and_a_second_one_stops_at_once(
     bot = start("console")
     bot.wait_ready()
     bot.send("/draw a very slow heron 5 200")
-    wait_until(lambda: statuses(db) == ["running"], 60, "the job to start drawing", bot)
+    bot.send("/draw a waiting kettle 6 1")
+    wait_until(lambda: statuses(db) == ["running", "queued"], 60, "one job drawing, one waiting", bot)
     bot.proc.send_signal(signal.SIGINT)
     wait_until(lambda: "Press Ctrl-C again to stop at once" in bot.out(), 10, "the Ctrl-C notice", bot)
     assert bot.proc.poll() is None  # still finishing the picture
     bot.proc.send_signal(signal.SIGINT)
     assert bot.proc.wait(30) == 0, bot.err()  # far less than the 200 steps would take
     assert "Traceback" not in bot.err()
-    [row] = job_rows(db)
-    assert row["status"] == "queued" and row["attempts"] == 0  # kept for the next start, no crash retry used
+    assert [(row["status"], row["attempts"]) for row in job_rows(db)] == [("queued", 0), ("queued", 0)]
+    # The person quitting hears what their Ctrl-C does, and not also that "the bot is restarting".
+    assert "pictures still waiting stay queued" in bot.out()
+    assert "restarting" not in bot.out(), bot.out()
 
 
 def test_a_person_at_a_terminal_sees_no_log_lines_between_their_messages(setup, tmp_path):

@@ -27,6 +27,7 @@ One part per concern, sharing one `CoreState` (state.py), wired together here:
     account.py     /help, /history, /usage, /cancel
     admin.py       admins, bans, cancelling anyone's job
     lifecycle.py   recovery after a restart, housekeeping, the graceful stop
+    room.py        a full disk: writes kept until there is room, the episode watched
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from bot.core.dispatch import Dispatch
 from bot.core.feeding import Feeder
 from bot.core.following import Follower
 from bot.core.lifecycle import Lifecycle
+from bot.core.room import Room
 from bot.core.state import FEED_AHEAD, HISTORY_SHOWN, CoreState, EngineLike, blocked_patterns, log
 from bot.core.submitting import Submitter
+from bot.diskspace import CHECK_INTERVAL, DiskWatch
 from bot.metrics import Metrics
 from bot.store import Store
 
@@ -71,19 +74,21 @@ class ChatCore:
         delivery_backoff: float = 2.0,
         metrics: Metrics | None = None,
         feed_ahead: int = FEED_AHEAD,
+        disk_check_interval: float = CHECK_INTERVAL,
     ):
         # A fresh metrics registry unless the runner shares one.
         self.state = state = CoreState(config, store, engine, metrics if metrics is not None else Metrics(),
                                        is_test_model=is_test_model, clock=clock, blocked=blocked_patterns(config))
         feeder = Feeder(state, feed_ahead=feed_ahead)
-        delivery = Delivery(state, attempts=delivery_attempts, backoff=delivery_backoff)
-        follower = Follower(state, feeder, delivery)
+        self.room = room = Room(state, feeder, check_interval=disk_check_interval)
+        delivery = Delivery(state, room, attempts=delivery_attempts, backoff=delivery_backoff)
+        follower = Follower(state, feeder, delivery, room)
         admin = Admin(state, feeder)
-        submitter = Submitter(state, admin, feeder, follower, random_seed=random_seed)
+        submitter = Submitter(state, admin, feeder, follower, room, random_seed=random_seed)
         buttons = Buttons(state, submitter)
-        account = Account(state, feeder)
-        self._dispatch = Dispatch(state, submitter, buttons, account, admin, count_tokens=count_tokens)
-        lifecycle = Lifecycle(state, feeder, follower, delivery)
+        account = Account(state, feeder, room)
+        self._dispatch = Dispatch(state, submitter, buttons, account, admin, room, count_tokens=count_tokens)
+        lifecycle = Lifecycle(state, feeder, follower, delivery, room)
 
         # Commands and buttons.
         self.on_text = self._dispatch.on_text
@@ -107,6 +112,9 @@ class ChatCore:
         self.housekeeping = lifecycle.housekeeping
         self.drain = lifecycle.drain
         self.stop_accepting = lifecycle.stop_accepting
+        # A full disk (bot.core.room).
+        self.disk_full = room.noticed
+        self.save_kept = room.save_kept
 
     # -- what adapters read -----------------------------------------------------------------------------------------
     @property
@@ -124,6 +132,10 @@ class ChatCore:
     @property
     def metrics(self) -> Metrics:
         return self.state.metrics
+
+    @property
+    def disk(self) -> DiskWatch:
+        return self.state.disk
 
     @property
     def is_test_model(self) -> bool:

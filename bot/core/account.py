@@ -5,13 +5,16 @@ from __future__ import annotations
 from bot import replies
 from bot.chat import Button, Conversation, User
 from bot.core.feeding import Feeder
+from bot.core.room import Room
 from bot.core.state import HISTORY_SHOWN, CoreState
+from bot.store import DiskFull
 
 
 class Account:
-    def __init__(self, state: CoreState, feeder: Feeder):
+    def __init__(self, state: CoreState, feeder: Feeder, room: Room):
         self.state = state
         self.feeder = feeder
+        self.room = room
 
     async def help(self, user: User, conv: Conversation) -> None:
         e = self.state.config.engine
@@ -37,7 +40,15 @@ class Account:
                 live.conv.platform == user.platform]
         cancelled = sum(1 for live in mine if self.feeder.cancel_live(live))
         # Jobs in the table that this process is not following (should not happen, but never leave them stuck).
-        leftovers = [r for r in await self.state.store.cancel_user_jobs(user.platform, user.id) if r.id not in
-                     {live.record_id for live in mine}]
+        try:
+            in_store = await self.state.store.cancel_user_jobs(user.platform, user.id)
+        except DiskFull as exc:  # the followed ones are cancelled by their followers (kept until there is room)
+            self.room.noticed(exc)
+            if not cancelled:
+                await conv.send_text(replies.disk_full_busy(conv.markup))
+                return
+            in_store = []
+        leftovers = [r for r in in_store if r.id not in {live.record_id for live in mine}]
+        total = cancelled + len(leftovers)
         await self.feeder.feed_quietly()
-        await conv.send_text(replies.cancelled_count(conv.markup, cancelled + len(leftovers)))
+        await conv.send_text(replies.cancelled_count(conv.markup, total))

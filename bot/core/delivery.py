@@ -7,13 +7,15 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponen
 
 from bot import replies
 from bot.chat import Button, Conversation, Picture
+from bot.core.room import Room
 from bot.core.state import CoreState, log
 from bot.store import JobRecord
 
 
 class Delivery:
-    def __init__(self, state: CoreState, *, attempts: int = 5, backoff: float = 2.0):
+    def __init__(self, state: CoreState, room: Room, *, attempts: int = 5, backoff: float = 2.0):
         self.state = state
+        self.room = room
         self.attempts = attempts
         self.backoff = backoff
 
@@ -51,7 +53,7 @@ class Delivery:
         except RetryError:
             log.error("giving up delivering job=%s for now; it is retried at the next start", record.id)
             return False
-        first = await state.store.mark_delivered(record.id)
+        first = await self.room.save(f"delivery of job {record.id}", lambda: state.store.mark_delivered(record.id))
         log.info("delivered job=%s first=%s", record.id, first)
         return True
 
@@ -59,7 +61,8 @@ class Delivery:
         """Deliver a picture that was finished earlier (before a restart, or while the network was down)."""
         png = record.image_path.read_bytes() if record.image_path and record.image_path.is_file() else None
         if png is None:
-            await self.state.store.mark_failed(record.id, "the picture file was lost")
+            await self.room.save(f"failure of job {record.id}",
+                                 lambda: self.state.store.mark_failed(record.id, "the picture file was lost"))
             return
         await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
                            test_model=self.state.is_test_model,

@@ -12,14 +12,17 @@ from bot.commands import DrawRules, UsageError, parse_draw, split_command, valid
 from bot.core.account import Account
 from bot.core.admin import Admin
 from bot.core.buttons import Buttons
+from bot.core.room import Room
 from bot.core.state import HISTORY_SHOWN, CoreState
 from bot.core.submitting import Submitter
+from bot.store import DiskFull
 
 
 class Dispatch:
-    def __init__(self, state: CoreState, submitter: Submitter, buttons: Buttons, account: Account, admin: Admin, *,
-                 count_tokens: Callable[[str], int] | None = None):
+    def __init__(self, state: CoreState, submitter: Submitter, buttons: Buttons, account: Account, admin: Admin,
+                 room: Room, *, count_tokens: Callable[[str], int] | None = None):
         self.state = state
+        self.room = room
         self.submitter = submitter
         self.buttons = buttons
         self.account = account
@@ -61,7 +64,11 @@ class Dispatch:
             if user.chat_kind == "private":
                 await conv.send_text(replies.unknown_command(conv.markup, command))
             return
-        await handler()
+        try:
+            await handler()
+        except DiskFull as exc:  # a command that needed to write (/ban, ...): reads still work
+            self.room.noticed(exc)
+            await conv.send_text(replies.disk_full_busy(conv.markup))
 
     async def _draw_text(self, user: User, conv: Conversation, rest: str) -> None:
         try:

@@ -25,7 +25,7 @@ class Feeder:
         then tell every waiting job its place in the store's queue."""
         state = self.state
         async with state.feed_lock:
-            if state.stopping:
+            if state.stopping or state.disk.full:  # a full disk: pictures could not be saved (bot.core.room)
                 return
             try:
                 queue = await state.store.queue()

@@ -15,7 +15,9 @@ from bot.chat import Conversation
 from bot.core.delivery import Delivery
 from bot.core.feeding import Feeder
 from bot.core.pacing import EditPacer
+from bot.core.room import Room
 from bot.core.state import CoreState, Live, log, quietly, safe_send
+from bot.store import DiskFull
 from engine.jobs import GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
 
 ENDS = ("done", "failed", "cancelled", "kept")
@@ -23,8 +25,9 @@ ENDS = ("done", "failed", "cancelled", "kept")
 
 
 class Follower:
-    def __init__(self, state: CoreState, feeder: Feeder, delivery: Delivery):
+    def __init__(self, state: CoreState, feeder: Feeder, delivery: Delivery, room: Room):
         self.state = state
+        self.room = room
         self.feeder = feeder
         self.delivery = delivery
 
@@ -51,6 +54,8 @@ class Follower:
         finally:
             pacer.close()
             self.state.live.pop(live.record_id, None)
+            if live.not_saved:
+                self.start(live.record_id, live.request, live.conv, live.user_id).ack_id = live.ack_id
             await self.feeder.feed_quietly()
 
     async def _on_event(self, live: Live, pacer: EditPacer, event: JobEvent) -> None:
@@ -60,7 +65,8 @@ class Follower:
             await self._show(live, pacer, replies.queued(m, event.position, self.feeder.wait_estimate(event.position)))
         elif event.kind == "started":
             live.started = True
-            await self.state.store.mark_running(live.record_id)
+            job_id = live.record_id
+            await self.room.save(f"start of job {job_id}", lambda: self.state.store.mark_running(job_id))
             await self.feeder.feed_quietly()  # a place in the engine's queue is free; the others move up
             await self._show(live, pacer, replies.queued(m, 0, None), now=True)
             await quietly(live.conv.working())
@@ -100,36 +106,52 @@ class Follower:
             if state.stopping and not live.user_cancelled:
                 # Stopped on purpose by a graceful shutdown: back in the queue without using up its one
                 # crash retry. It is picked up, in order, at the next start.
-                await state.store.return_to_queue(live.record_id)
+                job_id = live.record_id
+                await self.room.save(f"requeue of job {job_id}", lambda: state.store.return_to_queue(job_id))
                 log.info("kept job=%s for the next start", live.record_id)
                 return None
             return await self._cancelled(live)
         except JobFailed as exc:
             return await self._failed(live, str(exc))
-        await self._done(live, result)
-        return replies.done(live.conv.markup)
+        return await self._done(live, result)
 
     async def _cancelled(self, live: Live) -> str:
         self.state.metrics.finished("cancelled")
         log.info("cancelled job=%s platform=%s user=%s", live.record_id, live.conv.platform, live.user_id)
-        await self.state.store.mark_cancelled(live.record_id)
+        job_id = live.record_id
+        await self.room.save(f"cancel of job {job_id}", lambda: self.state.store.mark_cancelled(job_id))
         return replies.cancelled(live.conv.markup)
 
     async def _failed(self, live: Live, error: str) -> str:
         self.state.metrics.finished("failed")
         log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, live.conv.platform, live.user_id, error)
-        await self.state.store.mark_failed(live.record_id, error)
+        job_id = live.record_id
+        await self.room.save(f"failure of job {job_id}", lambda: self.state.store.mark_failed(job_id, error))
         text = replies.failed(live.conv.markup, error)
         if live.ack_id is None:
             await safe_send(live.conv, text)
         return text
 
-    async def _done(self, live: Live, result: GenerationResult) -> None:
-        state = self.state
+    async def _done(self, live: Live, result: GenerationResult) -> str | None:
+        """Save and deliver the picture; returns the acknowledgement's last text."""
+        state, job_id = self.state, live.record_id
         state.job_seconds = result.seconds if state.job_seconds is None else (
             0.7 * state.job_seconds + 0.3 * result.seconds)
-        path = await state.store.mark_done(live.record_id, result.png, duration=result.seconds,
-                                           seconds_per_step=result.seconds_per_step)
+        try:
+            path = await state.store.mark_done(job_id, result.png, duration=result.seconds,
+                                               seconds_per_step=result.seconds_per_step)
+        except DiskFull as exc:
+            # Not saved: back in the queue (kept in memory if even that cannot be written), drawn again when there
+            # is room; its user hears why.
+            self.room.noticed(exc, needed=len(result.png))
+            await self.room.save(f"requeue of job {job_id}", lambda: state.store.return_to_queue(job_id))
+            log.info("not saved job=%s (disk full): queued again", job_id)
+            live.not_saved = True
+            text = replies.disk_full_not_saved(live.conv.markup)
+            if live.ack_id is None:  # never acknowledged (a job recovered at start): told in a message of its own
+                live.ack_id = await safe_send(live.conv, text)
+                return None
+            return text
         state.metrics.finished("done", result)
         log.info("done job=%s platform=%s user=%s seconds=%.1f s_per_step=%.3f peak_vram=%s", live.record_id,
                  live.conv.platform, live.user_id, result.seconds, result.seconds_per_step,
@@ -138,3 +160,4 @@ class Follower:
         assert record is not None  # just marked done; jobs are never deleted
         await self.delivery.deliver(record, live.conv, png=result.png, seconds=result.seconds, test_model=result.test_model,
                                     path=str(path))
+        return replies.done(live.conv.markup)

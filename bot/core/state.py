@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from bot.chat import Conversation, Platform
 from bot.config import Config
+from bot.diskspace import DiskWatch
 from bot.metrics import Metrics
 from bot.store import Store
 from engine.jobs import GenerationRequest, JobEvent, JobHandle
@@ -55,6 +56,7 @@ class Live:
     position: int | None = None  # the place in the store's queue last told to the follower
     shown: str | None = None  # text the ack message shows now (no edit when unchanged)
     user_cancelled: bool = False
+    not_saved: bool = False  # its picture could not be saved (disk full): queued again, followed anew
     task: asyncio.Task | None = None
 
 
@@ -80,6 +82,10 @@ class CoreState:
     feed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     blocked: list[re.Pattern[str]] = field(default_factory=list)
     granted_admins: set[str] = field(default_factory=set)  # proven otherwise than by config (the web admin password)
+    disk: DiskWatch = field(init=False)  # full-disk episodes (bot.diskspace, bot.core.room)
+
+    def __post_init__(self) -> None:
+        self.disk = DiskWatch(self.store.spare_space, set_aside=self.store.make_reserve)
 
     def is_admin(self, key: str) -> bool:
         return key in self.config.limits.admins or key in self.granted_admins

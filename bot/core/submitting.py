@@ -12,15 +12,17 @@ from bot.commands import SEED_MAX, DrawCommand
 from bot.core.admin import Admin
 from bot.core.feeding import Feeder
 from bot.core.following import Follower
+from bot.core.room import Room
 from bot.core.state import CoreState, log, safe_send
-from bot.store import NewJob, Refused
+from bot.store import DiskFull, NewJob, Refused
 from engine.jobs import GenerationRequest
 
 
 class Submitter:
-    def __init__(self, state: CoreState, admin: Admin, feeder: Feeder, follower: Follower, *,
+    def __init__(self, state: CoreState, admin: Admin, feeder: Feeder, follower: Follower, room: Room, *,
                  random_seed: Callable[[], int] = lambda: secrets.randbelow(SEED_MAX + 1)):
         self.state = state
+        self.room = room
         self.admin = admin
         self.feeder = feeder
         self.follower = follower
@@ -47,6 +49,9 @@ class Submitter:
             state.metrics.refused("restarting")
             await conv.send_text(replies.restarting_refusal(m))
             return None
+        if self.room.full:  # it could not be saved either: said now rather than left waiting unseen
+            await self.room.refuse(user, conv)
+            return None
         refusal = self.refusal_by_policy(user, command.prompt)
         if refusal:
             state.metrics.refused("policy")
@@ -61,14 +66,19 @@ class Submitter:
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, cannot.reason)
             await conv.send_text(replies.engine_refusal(m, cannot, prompt=command.prompt))
             return None
-        admission = await state.store.admit(
-            NewJob(platform=user.platform, user_id=user.id, chat_id=user.chat_id, prompt=command.prompt, seed=seed,
-                   steps=command.steps, width=command.width, height=command.height,
-                   reply_ref={"conv": conv.ref(), "as_file": command.as_file, "user_name": user.name}),
-            state.config.limits,
-            is_admin=self.admin.is_admin(user),
-            is_banned=await self.admin.is_banned(user.platform, user.id),
-        )
+        try:
+            admission = await state.store.admit(
+                NewJob(platform=user.platform, user_id=user.id, chat_id=user.chat_id, prompt=command.prompt,
+                       seed=seed, steps=command.steps, width=command.width, height=command.height,
+                       reply_ref={"conv": conv.ref(), "as_file": command.as_file, "user_name": user.name}),
+                state.config.limits,
+                is_admin=self.admin.is_admin(user),
+                is_banned=await self.admin.is_banned(user.platform, user.id),
+            )
+        except DiskFull as exc:
+            self.room.noticed(exc)
+            await self.room.refuse(user, conv)
+            return None
         if isinstance(admission, Refused):
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)
             state.metrics.refused(admission.reason)
@@ -84,7 +94,7 @@ class Submitter:
         live.position = queue.index(job_id) + 1 if job_id in queue else 0
         live.shown = replies.queued(m, live.position, self.feeder.wait_estimate(live.position))
         live.ack_id = await safe_send(conv, live.shown)
-        await state.store.set_reply_ref(job_id, {"conv": conv.ref(), "ack_id": live.ack_id,
-                                                 "as_file": command.as_file, "user_name": user.name})
+        reply_ref = {"conv": conv.ref(), "ack_id": live.ack_id, "as_file": command.as_file, "user_name": user.name}
+        await self.room.save(f"reply data of job {job_id}", lambda: state.store.set_reply_ref(job_id, reply_ref))
         await self.feeder.feed()
         return job_id
