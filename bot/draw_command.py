@@ -102,6 +102,7 @@ async def _draw(config: Config, settings: EngineSettings, request: GenerationReq
         job = engine.submit(request, on_event)
         result = await job.wait()
     except EngineError as exc:  # failed, or refused up front (a size this device cannot afford)
+        bar.close()  # ends the progress line first: the complaint is a line of its own
         print(f"drawbot: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -98,6 +98,68 @@ def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
     assert not list((state / "images").glob(".*.tmp"))
 
 
+def test_sigkill_twice_mid_job_retries_it_once_then_fails_it_and_tells_the_user(setup, tmp_path):
+    """A picture during which the process dies is drawn again once (store.RESTART_RETRIES), not into the same crash
+    at every start: at the third start it is failed, its user told, and the job waiting behind it is drawn."""
+    from bot.store import RESTART_FAILURE_MESSAGE, RESTART_RETRIES
+
+    assert RESTART_RETRIES == 1
+    config, state, start = setup
+    db = state / "drawbot.sqlite3"
+    first = start("first")
+    first.wait_ready()
+    first.send("/draw a deadly heron 5 200")
+    first.send("/draw a patient kettle 6 1")
+    wait_until(lambda: statuses(db) == ["running", "queued"], 60, "one job drawing, one waiting", first)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+
+    # The retry goes behind the job that was waiting: the kettle is drawn first, then the heron again.
+    second = start("second")
+    wait_until(lambda: [(r["status"], r["attempts"]) for r in job_rows(db)] == [("running", 1), ("done", 0)], 90,
+               "the crash retry to be drawing", second)
+    second.proc.send_signal(signal.SIGKILL)
+    second.proc.wait(10)
+
+    third = drawbot("run", "--config", str(config), cwd=tmp_path, timeout=180)  # stdin at end: exits when done
+    assert third.returncode == 0, third.stderr
+    for stderr in (first.err(), second.err(), third.stderr):
+        assert "Traceback" not in stderr and "⏎" not in stderr, stderr
+    heron, kettle = job_rows(db)
+    assert (heron["status"], heron["attempts"], heron["error"]) == ("failed", 2, RESTART_FAILURE_MESSAGE)
+    assert f"Sorry, that picture failed: {RESTART_FAILURE_MESSAGE}" in third.stdout  # its user is told
+    assert "picture saved" not in third.stdout  # not drawn a third time
+    assert kettle["status"] == "done" and kettle["delivered_at"] is not None  # nothing else lost
+
+
+def test_an_oversized_picture_on_the_cpu_is_refused_up_front_and_the_bot_keeps_drawing(setup, tmp_path):
+    from engine.size_cost import cpu_size_cost
+
+    cost = cpu_size_cost()
+    if cost is None or cost.affordable(2048, 2048):
+        pytest.skip("this machine has the memory for a 2048x2048 picture on the CPU (≈37 GiB): nothing to refuse")
+    config, state, _ = setup
+    done = drawbot("run", "--config", str(config), cwd=tmp_path, timeout=180,
+                   stdin="/draw a huge fox --size 2048x2048 --steps 1\n/draw a small fox 3 1\n")
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    refusal = re.search(r"too big for this bot's computer: the largest picture of that shape it can draw is "
+                        r"(\d+)x(\d+)", done.stdout)
+    assert refusal, done.stdout
+    width, height = int(refusal[1]), int(refusal[2])
+    assert width == height and width % 16 == 0 and 64 <= width < 2048  # same shape, what the bot measured fits
+    rows = job_rows(state / "drawbot.sqlite3")
+    assert [(r["prompt"], r["status"]) for r in rows] == [("a small fox", "done")]  # refused before accepted
+
+    # `drawbot draw` refuses it the same way before drawing: one line, run-time failure (1), no file.
+    out = tmp_path / "huge.png"
+    drawn = drawbot("draw", "a huge fox", "--width", "2048", "--height", "2048", "--steps", "1", "-o", str(out),
+                    "--config", str(config), cwd=tmp_path)
+    assert drawn.returncode == 1
+    assert_one_clean_line(drawn.stderr, "2048x2048 needs more memory than this CPU has")
+    assert not out.exists()
+
+
 # -- set-up problems: exit 2, one line, the files left as they were -------------------------------------------------
 
 
