@@ -30,10 +30,73 @@ FILE_PATH_COMPILE_THREADS = 4
 WeightPath = Literal["pinned", "file"]
 
 
+PAGE_CACHE_MARGIN_GIB = 1.5
+"""Of the budget, what the file-backed path leaves beside the process's own memory and the weights' page cache: the
+torch and CUDA libraries' mapped pages (page cache too, charged like the weights) and growth while drawing."""
+
+
 def available_gib() -> float:
+    """What this process may still use: the machine's available memory, or less where a memory cgroup (systemd's
+    MemoryMax=, a container's limit) caps it."""
     import psutil
 
-    return psutil.virtual_memory().available / GIB
+    available = psutil.virtual_memory().available
+    capped = cgroup_room_bytes()
+    return (available if capped is None else min(available, capped)) / GIB
+
+
+def cgroup_room_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The smallest room left under the memory limits of this process's cgroup and its parents (cgroup v2: memory.max
+    minus what is charged there that the kernel cannot reclaim, i.e. memory.current less its page cache); None
+    where no limit applies or it cannot be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    unified = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    if unified is None:
+        return None
+    rooms = []
+    folder = root / unified.strip("/")
+    while True:
+        room = _room_in(folder)
+        if room is not None:
+            rooms.append(room)
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return min(rooms) if rooms else None
+
+
+def _room_in(folder: Path) -> int | None:
+    try:
+        limit = (folder / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        current = int((folder / "memory.current").read_text())
+        stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return None
+    return max(0, int(limit) - (current - int(stat.get("file", 0))))
+
+
+def held_bytes() -> int:
+    """Memory this process holds that the kernel cannot reclaim: anonymous (heap, page-locked buffers) and shared
+    memory (Linux /proc/self/status; elsewhere the resident set)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return sum(int(fields[name].split()[0]) * 1024 for name in ("RssAnon", "RssShmem"))
+    except (OSError, KeyError, ValueError):
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def page_cache_room(budget: float, held: int | None = None) -> int:
+    """Bytes of the file-backed weights the page cache can keep within a budget of `budget` GiB, beside what the
+    process holds (`held`, measured now by default) and PAGE_CACHE_MARGIN_GIB."""
+    held = held_bytes() if held is None else held
+    return max(0, int((budget - PAGE_CACHE_MARGIN_GIB) * GIB) - held)
 
 
 def budget_gib(settings: EngineSettings, available: float | None = None) -> float:

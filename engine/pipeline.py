@@ -108,6 +108,9 @@ class FluxPipeline:
         device = resolve_device(settings.device)
         files, model_name = locate_model(settings)
         plan = plan_memory(settings, device)
+        from engine import host_ram
+
+        host_budget = host_ram.budget_gib(settings)  # before loading: "auto" is what is free now
         started = time.monotonic()
         chatter = io.StringIO()  # DiffSynth prints a banner per model; keep the console and journal clean
         loading: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -133,8 +136,10 @@ class FluxPipeline:
                                                   width=settings.width, height=settings.height,
                                                   fp8_compute=settings.fp8_compute,
                                                   torch_compile=settings.torch_compile,
-                                                  weight_cache=_weight_cache(settings, files),
+                                                  weight_cache=_weight_cache(settings, files, host_budget),
                                                   sources=sources)
+            if pipeline.streaming.dit.file_backed:
+                _keep_in_page_cache(pipeline.streaming, host_budget)
         elif settings.fp8_compute or settings.torch_compile is True:
             log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         pipeline.size_cost = measure_size_cost(pipeline, settings)
@@ -229,13 +234,12 @@ def measure_size_cost(pipeline: "FluxPipeline", settings: EngineSettings) -> Siz
     return None
 
 
-def _weight_cache(settings: EngineSettings, files: weights.ModelFiles):
+def _weight_cache(settings: EngineSettings, files: weights.ModelFiles, budget: float):
     """The converted weight cache when the host-RAM budget is below the pinned path's need (engine.host_ram), else
     None (pinned)."""
     from engine import host_ram
     from engine.streaming.weight_cache import WeightCache
 
-    budget = host_ram.budget_gib(settings)
     path = host_ram.weight_path(settings, budget)
     need = host_ram.PINNED_PATH_GIB[settings.model]
     if path == "pinned":
@@ -245,6 +249,18 @@ def _weight_cache(settings: EngineSettings, files: weights.ModelFiles):
     log.info("host RAM budget %.1f GiB < %.1f GiB: weights file-backed (weight cache in %s)", budget, need, folder)
     _limit_compile_workers(host_ram.FILE_PATH_COMPILE_THREADS)
     return WeightCache(folder, {"dit": [files.dit], "t5": list(files.t5)})
+
+
+def _keep_in_page_cache(streaming: "PipelineStreaming", budget: float) -> None:
+    """File-backed: what of the streamed weights the page cache keeps within the host-RAM budget (the rest is read
+    from the disk at every step), now that the process's own memory is known (loaded, calibrated, compiled)."""
+    from engine import host_ram
+
+    room = host_ram.page_cache_room(budget)
+    kept = streaming.keep_in_page_cache(room)
+    log.info("page cache: %.2f GiB of the streamed weights kept in RAM, %.2f GiB read from the disk per step "
+             "(host RAM budget %.1f GiB, %.2f GiB held by the process)", kept / host_ram.GIB,
+             streaming.dit.dropped_bytes / host_ram.GIB, budget, host_ram.held_bytes() / host_ram.GIB)
 
 
 def _limit_compile_workers(threads: int) -> None:

@@ -113,6 +113,13 @@ class PipelineStreaming:
 
         self.patches.set(decoder, "forward", forward, group="decode-tiles")
 
+    def keep_in_page_cache(self, room: int) -> int:
+        """File-backed weights: the page cache's `room` bytes go to the DiT's streamed units first (read at every
+        step), then to T5's (read once per new prompt); the rest is read from the disk each time. Returns the bytes
+        kept."""
+        kept = self.dit.keep_in_page_cache(room)
+        return kept + self.t5.keep_in_page_cache(room - kept)
+
     @property
     def streamers(self) -> list[ModelStreamer]:
         return [self.dit, self.t5, *self.others]

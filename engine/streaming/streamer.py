@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,16 @@ DEFAULT_SLOTS = 3
 
 STAGING_BUFFERS = 2
 """Page-locked buffers that file-backed units pass through on their way to a slot (one filling, one copying)."""
+
+
+@dataclass
+class FileRead:
+    """What the reader thread does around one file-backed unit's copy: `ahead` before it (ask the kernel to read the
+    next unit from the disk meanwhile), `done` after it (drop the unit from the page cache when it is beyond the
+    room the page cache has for this model)."""
+
+    ahead: Callable[[], None]
+    done: Callable[[], None]
 
 
 def _align(nbytes: int) -> int:
@@ -124,6 +135,8 @@ class SlotPool:
         self.staging: list[torch.Tensor] = []  # page-locked, made at the first staged copy (file-backed weights)
         self.staged: list[Any] = []
         self._next_stage = 0
+        self.pending: list[Future | None] = [None] * count  # a staged copy into the slot the reader has not queued yet
+        self._read_thread: ThreadPoolExecutor | None = None
 
     @property
     def count(self) -> int:
@@ -133,45 +146,83 @@ class SlotPool:
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.buffers)
 
-    def _stage(self, source: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Copy pageable `source` (a mapped weight-cache file: page cache, or the disk) into the next page-locked
-        staging buffer, once the GPU copy that last read that buffer has finished: the host copy of one unit
-        overlaps the GPU's copy of the previous one and the compute queued ahead of both."""
-        if not self.staging:
-            self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
-                            for _ in range(STAGING_BUFFERS)]
-            self.staged = [torch.cuda.Event() for _ in range(STAGING_BUFFERS)]
-        index = self._next_stage
-        self._next_stage = (index + 1) % len(self.staging)
-        self.staged[index].synchronize()
-        buffer = self.staging[index][:source.numel()]
-        buffer.copy_(source)
-        return buffer, index
-
-    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool, staged: bool = False) -> None:
-        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished;
-        `staged`: `source` is pageable, so it goes through a page-locked staging buffer first."""
+    def load(self, slot: int, source: torch.Tensor, tag: tuple, *, synchronous: bool,
+             staged: FileRead | None = None) -> None:
+        """Copy `source` (host bytes) into `slot`. Async: on the side stream, after the slot's last user finished.
+        `staged`: `source` is a mapped weight-cache file (pageable, maybe not even in RAM): unless synchronous, the
+        reader thread copies it through a page-locked staging buffer, and `acquire` waits for that."""
         target = self.buffers[slot][:source.numel()]
+        if staged is not None and not synchronous:
+            self.pending[slot] = self._reader().submit(self._read_into_slot, slot, source, target, staged)
+            self.tags[slot] = tag
+            return
+        self._wait_reads()  # the reader's copies go first: one order on the side stream
         if self.cuda and not synchronous:
-            stage = None
-            if staged:
-                source, stage = self._stage(source)
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])
                 target.copy_(source, non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
-                if stage is not None:
-                    self.staged[stage].record(self.copy_stream)
         else:
             if self.cuda:  # an earlier async copy may still be writing: order after it, then copy blocking
                 torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             target.copy_(source)
             if self.cuda:
                 self.ready[slot].record(torch.cuda.current_stream(self.device))
+        if staged is not None:
+            staged.done()
         self.tags[slot] = tag
 
+    def _reader(self) -> ThreadPoolExecutor:
+        if self._read_thread is None:
+            self._read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-reader")
+        return self._read_thread
+
+    def _read_into_slot(self, slot: int, source: torch.Tensor, target: torch.Tensor, read: FileRead) -> None:
+        """In the reader thread, in submission order: the mapped bytes into the next staging buffer (once the GPU
+        copy that last read that buffer has finished), then its copy into the slot queued on the side stream. The
+        compute thread meanwhile queues kernels; it waits only in `acquire`, if the weights are late."""
+        read.ahead()
+        if not self.cuda:  # no side stream: the slot's last user has finished (CPU compute is synchronous)
+            target.copy_(source)
+            read.done()
+            return
+        with torch.cuda.device(self.device):
+            if not self.staging:
+                self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+                                for _ in range(STAGING_BUFFERS)]
+                self.staged = [torch.cuda.Event() for _ in range(STAGING_BUFFERS)]
+            index = self._next_stage
+            self._next_stage = (index + 1) % len(self.staging)
+            self.staged[index].synchronize()
+            buffer = self.staging[index][:source.numel()]
+            buffer.copy_(source)
+            read.done()
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])
+                target.copy_(buffer, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+                self.staged[index].record(self.copy_stream)
+
+    def _wait_reads(self) -> None:
+        for slot, pending in enumerate(self.pending):
+            if pending is not None:
+                self.pending[slot] = None
+                pending.result()
+
+    def close(self) -> None:
+        """Finish the reader's queued copies and end its thread."""
+        self._wait_reads()
+        if self._read_thread is not None:
+            self._read_thread.shutdown()
+            self._read_thread = None
+
     def acquire(self, slot: int) -> None:
-        """The compute stream waits (on the GPU) until the slot's copy has landed."""
+        """The compute stream waits (on the GPU) until the slot's copy has landed (for a staged copy, first until the
+        reader thread has queued it)."""
+        pending = self.pending[slot]
+        if pending is not None:
+            self.pending[slot] = None
+            pending.result()
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
 
@@ -209,6 +260,7 @@ class ModelStreamer:
         self._loaded: dict[int, tuple[int, tuple]] = {}
         self._active: tuple[int, int] | None = None
         self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._dropped: frozenset[int] = frozenset()  # file-backed units dropped from the page cache after each read
         pin = self.device.type == "cuda" if pin is None else pin
         read: Callable[[torch.Tensor], torch.Tensor] = source if source is not None else (lambda param: param.data)
 
@@ -357,6 +409,7 @@ class ModelStreamer:
 
     def _replan(self) -> None:
         self._order = [u.index for u in self.units if u.device is None]
+        self._dropped &= frozenset(self._order)
         self._position = {index: position for position, index in enumerate(self._order)}
         self._cursor = 0
         self._loaded.clear()
@@ -382,8 +435,36 @@ class ModelStreamer:
             return
         tag = (self._id, index, next(self._serial))
         self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous,
-                        staged=self.file_backed)
+                        staged=self._file_read(index, self._order[self._cursor]) if self.file_backed else None)
         self._loaded[index] = (slot, tag)
+
+    def _file_read(self, index: int, following: int) -> FileRead:
+        memory = self.host_memory
+        assert isinstance(memory, FileMemory)
+        unit, after = self.units[index], self.units[following]
+        ahead = functools.partial(memory.prefetch, after.host_offset, after.nbytes)
+        if index in self._dropped:
+            return FileRead(ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes))
+        return FileRead(ahead, lambda: None)
+
+    def keep_in_page_cache(self, room: int) -> int:
+        """File-backed: the streamed units, in execution order, that fit `room` bytes stay in the page cache; the
+        others are dropped from it after each read, so a pass reads those from the disk and finds the kept ones in
+        RAM (left to itself, the kernel's LRU would evict each unit just before it is needed again once a pass is
+        larger than the page cache: every byte from the disk). Returns the bytes kept."""
+        kept, dropped = 0, set()
+        for index in self._order:
+            if kept + page_align(self.units[index].nbytes) <= room:
+                kept += page_align(self.units[index].nbytes)
+            else:
+                dropped.add(index)
+        self._dropped = frozenset(dropped) if self.file_backed else frozenset()
+        return kept if self.file_backed else 0
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes of streamed units read from the disk at every pass (see `keep_in_page_cache`)."""
+        return sum(self.units[index].nbytes for index in self._dropped)
 
     def _resync(self, index: int) -> None:
         """The unit about to run is not in a slot (first forward, another model used the slots, or an unexpected

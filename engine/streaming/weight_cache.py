@@ -69,7 +69,8 @@ def _read_header(path: Path) -> dict | None:
 class FileMemory:
     """The HostMemory interface over a mapped cache file: `tensor` views the data (read-only use), nothing is
     page-locked, `release` drops a resident unit's mapped pages (the bytes stay in the file), `restore` has nothing
-    to do."""
+    to do. Offsets are positions in the file, i.e. the storage offsets of views of `tensor` (the data starts at
+    HEADER_ROOM)."""
 
     pinned_bytes = 0
 
@@ -89,14 +90,30 @@ class FileMemory:
         return None
 
     def release(self, offset: int, nbytes: int) -> bool:
-        advice = getattr(mmap, "MADV_DONTNEED", None)
-        if advice is not None and hasattr(self._map, "madvise") and nbytes:
-            self._map.madvise(advice, HEADER_ROOM + offset, page_align(nbytes))
+        """A unit now resident on the GPU: its bytes leave the process and the page cache (read once, at start)."""
+        self.drop(offset, nbytes)
         self._released[offset] = nbytes
         return True
 
     def restore(self, offset: int, source: torch.Tensor, *, pin: bool) -> None:
         self._released.pop(offset, None)
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading these bytes from the disk now (a no-op for pages already cached): the
+        next unit's read overlaps this one's copy."""
+        self._advise(getattr(mmap, "MADV_WILLNEED", None), offset, nbytes)
+
+    def drop(self, offset: int, nbytes: int) -> None:
+        """Unmap these bytes and drop them from the page cache (they are read again from the disk next time), so
+        that a cyclic read of more than the page cache can hold does not evict the units it can hold (LRU's worst
+        case: every byte from the disk)."""
+        self._advise(getattr(mmap, "MADV_DONTNEED", None), offset, nbytes)
+        if hasattr(os, "posix_fadvise") and nbytes:
+            os.posix_fadvise(self._file.fileno(), offset, page_align(nbytes), os.POSIX_FADV_DONTNEED)
+
+    def _advise(self, advice: int | None, offset: int, nbytes: int) -> None:
+        if advice is not None and hasattr(self._map, "madvise") and nbytes:
+            self._map.madvise(advice, offset, page_align(nbytes))
 
 
 @dataclass

@@ -131,3 +131,71 @@ def test_a_full_disk_while_writing_the_cache_is_one_clear_error_and_leaves_no_pa
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def _cached_fraction(path, offset: int, nbytes: int) -> float:
+    """Share of the file's pages in [offset, offset + nbytes) that are in the page cache (mincore(2) on a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        try:
+            start = offset // page * page
+            length = offset + nbytes - start
+            pages = (length + page - 1) // page
+            vector = (ctypes.c_ubyte * pages)()
+            base = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(mapped)) + start)
+            assert libc.mincore(base, ctypes.c_size_t(length), vector) == 0, os.strerror(ctypes.get_errno())
+            return sum(v & 1 for v in vector) / pages
+        finally:
+            del base
+            mapped.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux) to drop pages")
+def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_draw_the_same(tiny_settings, tmp_path):
+    """Under a host-RAM budget too small for every streamed unit, the units beyond the room are dropped from the page
+    cache after each read (so the ones kept are not evicted by the cyclic read), and the picture does not change."""
+    pinned = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 64}))
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    dit = filed.streaming.dit
+    units = [dit.units[i] for i in range(len(dit.units))]
+    half = sum(u.nbytes for u in units) // 2
+    kept = filed.streaming.keep_in_page_cache(half)
+    assert 0 < kept <= half
+    assert 0 < dit.dropped_bytes < sum(u.nbytes for u in units)
+    expected = _picture(pinned, "a lynx in snow")
+    assert _picture(filed, "a lynx in snow") == expected
+    path = dit.host_memory.path
+    dropped = [u for u in units if u.index in dit._dropped]
+    held = [u for u in units if u.index not in dit._dropped]
+    assert dropped and held
+    # Out of the page cache after the picture: every dropped unit but the one read ahead for the next pass.
+    assert sum(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped) >= len(dropped) - 1
+    assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in held)
+
+    filed.streaming.keep_in_page_cache(1 << 40)  # room for everything: nothing dropped, all read into the cache
+    assert dit.dropped_bytes == 0
+    assert _picture(filed, "a lynx in snow") == expected
+    assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in units)
+
+
+def test_a_unit_made_resident_leaves_the_page_cache_and_streams_again_unchanged(tiny_settings, tmp_path):
+    """A file-backed unit that goes to the device for good is dropped from the page cache (its bytes stay in the
+    file); streamed again later, it draws the same picture."""
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    dit = filed.streaming.dit
+    before = _picture(filed, "a moth at a lamp")
+    last = dit.units[-1]
+    dit.set_resident({last.index})  # the last unit: its range ends where the file ends
+    assert dit.resident == {last.index}
+    if hasattr(os, "posix_fadvise"):
+        assert _cached_fraction(dit.host_memory.path, last.host_offset, last.nbytes) == 0
+    assert _picture(filed, "a moth at a lamp") == before
+    dit.set_resident(())
+    assert _picture(filed, "a moth at a lamp") == before
