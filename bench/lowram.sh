@@ -1,45 +1,63 @@
 #!/bin/bash
-# Issue 13 on the GPU machine, one call (root; wheels in .whl/ as bench/README.md says), 8 GB emulated card, 1024²,
-# 20 steps. Side by side: the first build of the weight cache from a float8
-# DiT file; read rates of the cache file (warm, dropped page cache); the file-backed engine inside a 10 GiB memory
-# cgroup with a warm and with a dropped page cache (memory.stat anon/file polled every 0.2 s); the pinned engine
-# (no memory limit); the first build from a bf16 DiT file. JSON to $OUT; `python -m bench.lowram_report $OUT` prints the table.
+# Issue 13 on the GPU machine (root; wheels in .whl/ as bench/README.md says): 8 GB emulated card, 1024², 20 steps,
+# the engine as `drawbot run` starts it (bench.startup, host_ram_budget_gb = "auto", which sees the cgroup's limit).
+# Two parts, each under the device's 10-minute limit; files live under models/ (git-ignored, kept between calls):
+#   bash bench/lowram.sh a   full-size files; first weight-cache build from a float8 DiT file (10 GiB cgroup);
+#                            read rates of the cache (warm, dropped page cache); the file-backed engine in a 10 GiB
+#                            cgroup with a warm, then a dropped page cache
+#   bash bench/lowram.sh b   the pinned engine (no limit, every size: first and steady times); 12 GB budget in an
+#                            8 GiB cgroup (warm); first build from a bf16 DiT file (10 GiB cgroup)
+# Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
+# loading included), memory.peak and OOM kills. JSON to $OUT; `python -m bench.lowram_report $OUT` prints the table.
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit 1
 export PYTHONUNBUFFERED=1
+FS=$PWD/models/fs; WC=$PWD/models/wc
 log() { echo "== $(date +%T) $*"; }
-# in_cgroup NAME CMD...: run CMD in a fresh 10 GiB memory cgroup (swap 0); the largest anon / file / shmem /
-# unevictable of its memory.stat (polled every 0.2 s), its memory.peak and oom kills go to $OUT/NAME.mem.json
+# in_cgroup NAME GIB CMD...: CMD in a fresh memory cgroup of GIB GiB (swap 0); its memory.stat polled to
+# $OUT/NAME.mem.json; a py-spy dump of the process 120 s in (where it is, if it stalls)
 in_cgroup() {
-  local name=$1; shift; local G=/sys/fs/cgroup/db_$name
-  mkdir -p $G; echo 10G > $G/memory.max; echo 0 > $G/memory.swap.max
+  local name=$1 gib=$2; shift 2; local G=/sys/fs/cgroup/db_$name
+  mkdir -p $G; echo ${gib}G > $G/memory.max; echo 0 > $G/memory.swap.max
   ( while true; do awk '$1~/^(anon|file|shmem|unevictable)$/{printf "%s %s ", $1, $2} END{print ""}' $G/memory.stat
       sleep 0.2; done > /tmp/$name.poll ) & local poller=$!
-  ( echo $BASHPID > $G/cgroup.procs; exec "$@" ) 2>&1 | grep -E '^\{|Killed|Error|error|weight cache|packed' | tee $OUT/$name.log
-  kill $poller; wait $poller 2>/dev/null
-  awk -v n=$name -v peak=$(cat $G/memory.peak) -v oom=$(awk '$1=="oom_kill"{print $2}' $G/memory.events) \
-    '{for(i=1;i<NF;i+=2) if($(i+1)>m[$i]) m[$i]=$(i+1)} END{printf "{\"run\": \"%s\", \"anon_max_gib\": %.3f, \"file_max_gib\": %.3f, \"shmem_max_gib\": %.3f, \"unevictable_max_gib\": %.3f, \"cgroup_peak_gib\": %.3f, \"oom_kill\": %d}\n", n, m["anon"]/2^30, m["file"]/2^30, m["shmem"]/2^30, m["unevictable"]/2^30, peak/2^30, oom}' \
+  ( sleep 120; for p in $(cat $G/cgroup.procs); do py-spy dump --pid $p 2>&1 | head -60; done > $OUT/$name.pyspy.txt ) &
+  local spy=$!
+  local t0=$(date +%s.%N)
+  ( echo $BASHPID > $G/cgroup.procs; exec "$@" ) 2>&1 | grep -E '^\{|Killed|Error|error|weight cache|page cache|packed|stream plan|compiled|ready' | tee $OUT/$name.log
+  local t1=$(date +%s.%N)
+  kill $poller $spy 2>/dev/null; wait $poller 2>/dev/null
+  awk -v n=$name -v s=$(awk -v a=$t0 -v b=$t1 "BEGIN{print b-a}") -v peak=$(cat $G/memory.peak) -v oom=$(awk '$1=="oom_kill"{print $2}' $G/memory.events) \
+    '{for(i=1;i<NF;i+=2) if($(i+1)>m[$i]) m[$i]=$(i+1)} END{printf "{\"run\": \"%s\", \"wall_s\": %.1f, \"anon_max_gib\": %.3f, \"file_max_gib\": %.3f, \"shmem_max_gib\": %.3f, \"unevictable_max_gib\": %.3f, \"cgroup_peak_gib\": %.3f, \"oom_kill\": %d}\n", n, s, m["anon"]/2^30, m["file"]/2^30, m["shmem"]/2^30, m["unevictable"]/2^30, peak/2^30, oom}' \
     /tmp/$name.poll | tee $OUT/$name.mem.json
 }
-log weights; python3 -m bench.weights --models-dir /tmp/fs 2>&1 | tail -1
-S="python3 -m bench.startup --models-dir /tmp/fs --budget 8 --pictures 1"
-log build-float8; in_cgroup build_float8 timeout 100 python3 -m bench.cache_build --models-dir /tmp/fs \
-  --cache-dir /tmp/wc --label float8 | tee $OUT/build_float8.json
-ls -la /tmp/wc
-log read-warm; python3 -m bench.read_rate /tmp/wc/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
-sync; echo 3 > /proc/sys/vm/drop_caches
-log read-cold; python3 -m bench.read_rate /tmp/wc/dit.weights --label cold --gib 4 | tee $OUT/read_cold.json
-cat /tmp/wc/*.weights > /dev/null  # warm page cache for the next run
-log file-warm-cgroup10; in_cgroup file_warm timeout 150 $S --host-ram-budget 4 --weight-cache-dir /tmp/wc \
-  --out $OUT/file8_warm.json
-sync; echo 3 > /proc/sys/vm/drop_caches
-log file-cold-cgroup10; in_cgroup file_cold timeout 150 $S --host-ram-budget 4 --weight-cache-dir /tmp/wc \
-  --out $OUT/file8_cold.json
-log pinned; timeout 120 $S --host-ram-budget 64 --out $OUT/pinned8.json 2>&1 | grep '^{' | tee $OUT/pinned.log
-log bf16-dit; rm -f /tmp/fs/MAILAND/majicflus_v1/majicflus_v134.safetensors
-python3 -m bench.weights --models-dir /tmp/fs --parts dit --dit-dtype bf16 2>&1 | tail -1
-sync; echo 3 > /proc/sys/vm/drop_caches
-log build-bf16; in_cgroup build_bf16 timeout 100 python3 -m bench.cache_build --models-dir /tmp/fs \
-  --cache-dir /tmp/wc --label bf16 | tee $OUT/build_bf16.json
-log report; python3 -m bench.lowram_report $OUT --json $OUT/summary.json | tee $OUT/report.txt
+S="python3 -m bench.startup --models-dir $FS --budget 8"
+nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
+if [ "$1" = a ]; then
+  log weights; python3 -m bench.weights --models-dir $FS 2>&1 | tail -1; df -h $PWD | tail -1
+  log build-float8; in_cgroup build_float8 10 timeout 100 python3 -m bench.cache_build --models-dir $FS \
+    --cache-dir $WC --label float8 | grep '^{' > $OUT/build_float8.json
+  ls -la $WC
+  log read-warm; cat $WC/dit.weights > /dev/null
+  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log read-cold; python3 -m bench.read_rate $WC/dit.weights --label cold --gib 4 | tee $OUT/read_cold.json
+  cat $WC/*.weights > /dev/null  # a warm page cache for the next run (as after a previous run of the bot)
+  log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures 2 --weight-cache-dir $WC \
+    --out $OUT/file8_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 230 $S --pictures 2 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
+else
+  log pinned; timeout 200 $S --host-ram-budget 64 --out $OUT/pinned8.json 2>&1 | grep -E '^\{|compiled|ready' | tee $OUT/pinned.log
+  cat $WC/*.weights > /dev/null
+  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 150 python3 -m bench.startup --models-dir $FS --budget 12 \
+    --pictures 2 --weight-cache-dir $WC --out $OUT/file12_warm.json
+  log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
+  python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log build-bf16; in_cgroup build_bf16 10 timeout 120 python3 -m bench.cache_build --models-dir $FS \
+    --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
+fi
+log end

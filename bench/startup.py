@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB,
                host_weights_gib=streaming.host_bytes / GIB, resident_units=len(streaming.dit.resident),
                file_backed=streaming.dit.file_backed, cache_built=streaming.weight_cache_built,
-               dit_streamed_gib=streaming.dit.streamed_bytes / GIB)
+               dit_streamed_gib=streaming.dit.streamed_bytes / GIB,
+               dit_from_disk_gib=streaming.dit.dropped_bytes / GIB)
         try:
             for number, (width, height) in enumerate(SIZES[:args.pictures] if not args.tiny else [(64, 64), (96, 64)]):
                 request = GenerationRequest(f"a lighthouse at dusk, picture {number}", 7, args.steps, width, height)
