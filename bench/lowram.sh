@@ -5,8 +5,9 @@
 #   bash bench/lowram.sh a   full-size files; first weight-cache build from a float8 DiT file (10 GiB cgroup);
 #                            read rates of the cache (warm, dropped page cache); the file-backed engine in a 10 GiB
 #                            cgroup with a warm, then a dropped page cache
-#   bash bench/lowram.sh b   the pinned engine (no limit, every size: first and steady times); 12 GB budget in an
-#                            8 GiB cgroup (warm); first build from a bf16 DiT file (10 GiB cgroup)
+#   bash bench/lowram.sh b   (a fresh machine) the files again; the pinned engine (no limit, every size); the
+#                            file-backed engine at 8 GB in 10 GiB (warm, cold) and at 12 GB in an 8 GiB cgroup
+#   bash bench/lowram.sh c   the first build from a bf16 DiT file (10 GiB cgroup), after a or b
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
 # loading included), memory.peak and OOM kills. JSON to $OUT; `python -m bench.lowram_report $OUT` prints the table.
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -34,26 +35,34 @@ in_cgroup() {
 }
 S="python3 -m bench.startup --models-dir $FS --budget 8"
 nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
-if [ "$1" = a ]; then
-  log weights; python3 -m bench.weights --models-dir $FS 2>&1 | tail -1; df -h $PWD | tail -1
+build() {
+  log weights; python3 -m bench.weights --models-dir $FS 2>&1 | tail -1
   log build-float8; in_cgroup build_float8 10 timeout 100 python3 -m bench.cache_build --models-dir $FS \
     --cache-dir $WC --label float8 | grep '^{' > $OUT/build_float8.json
-  ls -la $WC
+}
+file_runs() {  # file_runs PICTURES: the file-backed engine at 8 GB in a 10 GiB cgroup, warm then dropped page cache
+  cat $WC/*.weights > /dev/null  # a warm page cache (as after a previous run of the bot)
+  log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures $1 --weight-cache-dir $WC \
+    --out $OUT/file8_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures $1 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
+}
+if [ "$1" = a ]; then
+  build
   log read-warm; cat $WC/dit.weights > /dev/null
   python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
   sync; echo 3 > /proc/sys/vm/drop_caches
   log read-cold; python3 -m bench.read_rate $WC/dit.weights --label cold --gib 4 | tee $OUT/read_cold.json
-  cat $WC/*.weights > /dev/null  # a warm page cache for the next run (as after a previous run of the bot)
-  log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures 2 --weight-cache-dir $WC \
-    --out $OUT/file8_warm.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 230 $S --pictures 2 --weight-cache-dir $WC \
-    --out $OUT/file8_cold.json
-else
-  log pinned; timeout 200 $S --host-ram-budget 64 --out $OUT/pinned8.json 2>&1 | grep -E '^\{|compiled|ready' | tee $OUT/pinned.log
+  file_runs 2
+elif [ "$1" = b ]; then  # on a fresh machine: the files again, then the pinned engine and both file-backed budgets
+  build
+  log pinned; timeout 150 $S --host-ram-budget 64 --out $OUT/pinned8.json 2>&1 | grep -E '^\{|compiled|ready' | tee $OUT/pinned.log
+  file_runs 1
   cat $WC/*.weights > /dev/null
-  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 150 python3 -m bench.startup --models-dir $FS --budget 12 \
-    --pictures 2 --weight-cache-dir $WC --out $OUT/file12_warm.json
+  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 python3 -m bench.startup --models-dir $FS --budget 12 \
+    --pictures 1 --weight-cache-dir $WC --out $OUT/file12_warm.json
+else  # c: the first build from a bf16 DiT file (after a or b, on the same machine)
   log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
   python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1
   sync; echo 3 > /proc/sys/vm/drop_caches

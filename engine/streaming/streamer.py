@@ -33,6 +33,9 @@ DEFAULT_SLOTS = 3
 """Ring depth: with 3, a double block's copy (≈6 ms on PCIe 5) has two blocks of compute to hide behind."""
 
 
+DISK_READAHEAD_BYTES = 768 << 20
+"""File-backed units read from the disk at every pass: how much of them the kernel is asked to read ahead (about
+three DiT double blocks), so the disk keeps reading while page-cache units are copied and the GPU computes."""
 STAGING_BUFFERS = 2
 """Page-locked buffers that file-backed units pass through on their way to a slot (one filling, one copying)."""
 
@@ -261,6 +264,7 @@ class ModelStreamer:
         self._active: tuple[int, int] | None = None
         self._view_cache: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._dropped: frozenset[int] = frozenset()  # file-backed units dropped from the page cache after each read
+        self._disk_ahead: dict[int, list[int]] = {}  # unit -> the dropped units asked of the disk while it is read
         pin = self.device.type == "cuda" if pin is None else pin
         read: Callable[[torch.Tensor], torch.Tensor] = source if source is not None else (lambda param: param.data)
 
@@ -410,6 +414,7 @@ class ModelStreamer:
     def _replan(self) -> None:
         self._order = [u.index for u in self.units if u.device is None]
         self._dropped &= frozenset(self._order)
+        self._disk_ahead = {}  # planned again by keep_in_page_cache
         self._position = {index: position for position, index in enumerate(self._order)}
         self._cursor = 0
         self._loaded.clear()
@@ -441,25 +446,46 @@ class ModelStreamer:
     def _file_read(self, index: int, following: int) -> FileRead:
         memory = self.host_memory
         assert isinstance(memory, FileMemory)
-        unit, after = self.units[index], self.units[following]
-        ahead = functools.partial(memory.prefetch, after.host_offset, after.nbytes)
+        unit = self.units[index]
+        ahead = [self.units[i] for i in (following, *self._disk_ahead.get(index, ()))]
+
+        def read_ahead() -> None:
+            for later in ahead:
+                memory.prefetch(later.host_offset, later.nbytes)
+
         if index in self._dropped:
-            return FileRead(ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes))
-        return FileRead(ahead, lambda: None)
+            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes))
+        return FileRead(read_ahead, lambda: None)
 
     def keep_in_page_cache(self, room: int) -> int:
         """File-backed: the streamed units, in execution order, that fit `room` bytes stay in the page cache; the
         others are dropped from it after each read, so a pass reads those from the disk and finds the kept ones in
         RAM (left to itself, the kernel's LRU would evict each unit just before it is needed again once a pass is
-        larger than the page cache: every byte from the disk). Returns the bytes kept."""
+        larger than the page cache: every byte from the disk). The disk is kept busy the whole pass: while a unit
+        is read, the next DISK_READAHEAD_BYTES of dropped units are asked for (room is left for them). Returns the
+        bytes kept."""
+        if not self.file_backed:
+            self._dropped, self._disk_ahead = frozenset(), {}
+            return 0
+        if sum(page_align(self.units[i].nbytes) for i in self._order) > room:
+            room -= DISK_READAHEAD_BYTES
         kept, dropped = 0, set()
         for index in self._order:
             if kept + page_align(self.units[index].nbytes) <= room:
                 kept += page_align(self.units[index].nbytes)
             else:
                 dropped.add(index)
-        self._dropped = frozenset(dropped) if self.file_backed else frozenset()
-        return kept if self.file_backed else 0
+        self._dropped = frozenset(dropped)
+        self._disk_ahead = {}
+        for position, index in enumerate(self._order):
+            ahead, queued = [], 0
+            for step in range(1, len(self._order)):
+                later = self._order[(position + step) % len(self._order)]
+                if later in dropped and queued < DISK_READAHEAD_BYTES:
+                    ahead.append(later)
+                    queued += self.units[later].nbytes
+            self._disk_ahead[index] = ahead
+        return kept
 
     @property
     def dropped_bytes(self) -> int:

@@ -156,9 +156,14 @@ def _cached_fraction(path, offset: int, nbytes: int) -> float:
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux) to drop pages")
-def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_draw_the_same(tiny_settings, tmp_path):
+def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_draw_the_same(tiny_settings, tmp_path,
+                                                                                           monkeypatch):
     """Under a host-RAM budget too small for every streamed unit, the units beyond the room are dropped from the page
     cache after each read (so the ones kept are not evicted by the cyclic read), and the picture does not change."""
+    from engine.streaming import streamer
+
+    # The tiny model's units are far smaller than the disk read-ahead: without it, only the next unit is read ahead.
+    monkeypatch.setattr(streamer, "DISK_READAHEAD_BYTES", 0)
     pinned = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 64}))
     filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
                                                    "weight_cache_dir": tmp_path / "cache"}))
@@ -178,6 +183,7 @@ def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_dr
     assert sum(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped) >= len(dropped) - 1
     assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in held)
 
+    assert all(not ahead for ahead in dit._disk_ahead.values())
     filed.streaming.keep_in_page_cache(1 << 40)  # room for everything: nothing dropped, all read into the cache
     assert dit.dropped_bytes == 0
     assert _picture(filed, "a lynx in snow") == expected
@@ -199,3 +205,28 @@ def test_a_unit_made_resident_leaves_the_page_cache_and_streams_again_unchanged(
     assert _picture(filed, "a moth at a lamp") == before
     dit.set_resident(())
     assert _picture(filed, "a moth at a lamp") == before
+
+
+def test_the_disk_is_asked_for_the_next_dropped_units_while_kept_ones_are_read(tiny_settings, tmp_path, monkeypatch):
+    """With read-ahead, every unit's read asks the kernel for the dropped units coming next in the pass (up to
+    DISK_READAHEAD_BYTES), and room is left for them."""
+    from engine.streaming import streamer
+
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    dit = filed.streaming.dit
+    unit = max(u.nbytes for u in dit.units)
+    monkeypatch.setattr(streamer, "DISK_READAHEAD_BYTES", unit)  # about one unit ahead
+    total = sum(streamer.page_align(u.nbytes) for u in dit.units)
+    kept = dit.keep_in_page_cache(total - 1)  # one page short: read-ahead room is taken from the kept units
+    assert kept <= total - 1 - unit
+    order = dit._order
+    for position, index in enumerate(order):
+        ahead = dit._disk_ahead[index]
+        upcoming = [order[(position + step) % len(order)] for step in range(1, len(order))]
+        coming = [i for i in upcoming if i in dit._dropped]
+        assert ahead == coming[:len(ahead)] and bool(ahead) == bool(coming)
+        assert sum(dit.units[i].nbytes for i in ahead[:-1]) < unit
+    before = _picture(filed, "a wren")
+    assert dit.keep_in_page_cache(1 << 40) == total and not any(dit._disk_ahead.values())
+    assert _picture(filed, "a wren") == before
