@@ -74,6 +74,12 @@ def ban_usage(m: Markup, verb: str) -> str:
     return m.escape(f"Usage: /{verb} <user id>, e.g. /{verb} 123456789")
 
 
+def again_usage(m: Markup, action: str) -> str:
+    """/again or /reroll typed without a picture to draw again."""
+    return m.escape(f"Send /{action} with the number /history shows next to the picture, e.g. /{action} 1 for your "
+                    "newest.")
+
+
 def restarting_refusal(m: Markup) -> str:
     return m.escape("The bot is restarting; please try again in a minute.")
 

@@ -300,6 +300,9 @@ class Store:
             images_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the storage folders for {path} / {images_dir}: {exc.strerror}") from None
+        if path.is_dir():
+            raise StoreError(f"the database {path} is a folder, not a file: move it away (the bot then creates a "
+                             "new database) or point [storage] database at a file")
         # SQLite silently opens a file it cannot write read-only, and the first accepted job would then fail.
         for needed in (path, path.parent):
             if needed.exists() and not os.access(needed, os.W_OK):
@@ -319,10 +322,14 @@ class Store:
 
     @classmethod
     async def _connect(cls, path: Path, images_dir: Path, clock: Callable[[], float], *, exclusive: bool) -> Store:
+        # isolation_level=None: no implicit transactions; every write below says BEGIN IMMEDIATE itself.
+        connection = aiosqlite.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
         try:
-            # isolation_level=None: no implicit transactions; every write below says BEGIN IMMEDIATE itself.
-            db = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+            db = await connection
         except sqlite3.Error as exc:
+            # aiosqlite stops its worker thread without waiting for it: wait here, or the thread reports to an event
+            # loop that `drawbot run` has closed by then (a traceback after the owner's one line).
+            await asyncio.to_thread(connection._thread.join, 5)
             raise _store_error(_unreadable(path, exc), exc) from None
         db.row_factory = sqlite3.Row
         store = cls(db, path, images_dir, clock)

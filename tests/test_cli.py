@@ -15,7 +15,7 @@ import pytest
 from bot.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = {"run": [], "draw": ["a fox"], "download": [], "doctor": []}
+SUBCOMMANDS = {"run": [], "draw": ["a fox"], "download": [], "doctor": [], "worker": []}
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -28,6 +28,7 @@ def child_env(**extra: str) -> dict[str, str]:
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
 def test_config_is_accepted_before_and_after_every_subcommand(command):
     parser = build_parser()
+    assert set(SUBCOMMANDS) == set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     before = parser.parse_args(["--config", "a.toml", command, *SUBCOMMANDS[command]])
     after = parser.parse_args([command, *SUBCOMMANDS[command], "--config", "b.toml"])
     assert before.command == after.command == command

@@ -72,6 +72,7 @@ def test_a_second_instance_on_the_same_state_dir_exits_2_naming_the_first(setup,
     # Drawn once, by the first: the second never took it for a crash leftover.
     assert row["status"] == "done" and row["attempts"] == 0 and row["delivered_at"] is not None
     assert "restarted" not in first.out() and first.out().count("picture saved") == 1
+    assert "Traceback" not in first.err() and "⏎" not in first.err(), first.err()
 
 
 def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
@@ -282,6 +283,19 @@ def test_a_database_on_a_read_only_mount_is_called_read_only_not_damaged(tmp_pat
     assert job_rows(elsewhere / "bot.sqlite3") == rows
 
 
+def test_drawbot_draw_into_a_read_only_folder_is_refused_before_drawing(tmp_path, models_dir, mounts):
+    config = write_config(tmp_path / "config.toml", models_dir, tmp_path / "state")
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    read_only_bind(mounts, pictures)
+    done = drawbot("draw", "a fox", "--steps", "1", "-o", str(pictures / "fox.png"), "--config", str(config),
+                   cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_clean_line(done.stderr, f"cannot write into {pictures}")
+    assert "drawing" not in done.stderr and "loading" not in done.stderr  # refused before the model loaded
+    assert not list(pictures.iterdir())
+
+
 def test_a_garbage_database_exits_2_and_is_left_alone(setup, tmp_path):
     config, state, _ = setup
     state.mkdir()
@@ -307,7 +321,19 @@ def test_another_programs_sqlite_file_exits_2_and_gets_none_of_our_tables(setup,
     assert (state / "drawbot.sqlite3").read_bytes() == before  # not a byte changed: no tables, no WAL switch
 
 
-@pytest.mark.parametrize("command", [["run"], ["draw", "a fox"], ["doctor"], ["download"]])
+def test_a_database_path_that_is_a_folder_exits_2_in_one_line(setup, tmp_path):
+    """SQLite cannot open a folder: one line saying so (it used to end in aiosqlite's thread reporting to a closed
+    event loop: two tracebacks after the line), and the folder is left as it was."""
+    config, state, _ = setup
+    (state / "drawbot.sqlite3" / "inside").mkdir(parents=True)
+    done = drawbot("run", "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 2
+    assert_one_clean_line(done.stderr, str(state / "drawbot.sqlite3"), "is a folder")
+    assert "Exception in thread" not in done.stderr, done.stderr
+    assert [p.name for p in (state / "drawbot.sqlite3").iterdir()] == ["inside"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["draw", "a fox"], ["doctor"], ["download"], ["worker"]])
 def test_a_config_that_is_not_utf8_or_is_a_folder_exits_2_in_one_line(tmp_path, command):
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes('[console]\nuser = "José"\n'.encode("latin-1"))

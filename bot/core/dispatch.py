@@ -88,8 +88,8 @@ class Dispatch:
                 await conv.send_text(conv.markup.escape(replies.no_such_history_entry(n, len(shown))))
                 return
             target = shown[n - 1].id
-        if not target.isalnum():
-            await conv.send_text(conv.markup.escape(replies.BUTTON_INVALID))
+        if not target.isalnum():  # typed, not a button: say what to type
+            await conv.send_text(replies.again_usage(conv.markup, action))
             return
         answer = await self.buttons.on_button(user, conv, action, target)
         if answer and answer != replies.QUEUED_TOAST:  # accepted: the queue message already said so

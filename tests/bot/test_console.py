@@ -81,6 +81,18 @@ async def test_again_takes_the_number_history_shows_and_acknowledges_once(tmp_pa
     assert "/again 9 is not one of them" in text
 
 
+async def test_again_without_a_number_says_what_to_send(tmp_path, tiny_settings):
+    """`/again` alone (or a word after it) used to answer "That button is no longer valid": no button was pressed."""
+    config = Config(engine=tiny_settings, storage=StorageSettings(state_dir=tmp_path / "state"),
+                    limits=LimitSettings(cooldown_seconds=0), console=ConsoleSettings(enabled=True, user="tester"))
+    out = io.StringIO()
+    assert await run(config, stdin=io.StringIO("/again\n/reroll the-fox\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert "button" not in text
+    assert "Send /again with the number /history shows next to the picture, e.g. /again 1" in text
+    assert "Send /reroll with the number /history shows next to the picture, e.g. /reroll 1" in text
+
+
 @pytest.mark.slow
 async def test_150_draw_lines_with_a_queue_cap_above_the_engines_queue_are_all_delivered(tmp_path, tiny_settings):
     """Issue 17, as an owner ran it: queue_cap 200 and no per-user limits, 150 /draw lines typed at once. The engine's

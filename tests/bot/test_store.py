@@ -855,3 +855,20 @@ async def test_a_version_1_database_is_migrated_in_place(tmp_path):
         assert await store.ban("console", "u", by="console:admin")
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+def test_a_database_sqlite_cannot_open_is_one_store_error_and_its_thread_ends_first(tmp_path):
+    """A database path SQLite cannot open (a link to a folder that is gone): StoreError, and aiosqlite's worker
+    thread has ended before it is raised. It used to outlive the failed open and report to the event loop `drawbot
+    run` had closed by then: a traceback after the owner's one line (one start in three)."""
+    link = tmp_path / "drawbot.sqlite3"
+    link.symlink_to(tmp_path / "moved-away" / "drawbot.sqlite3")
+    reported: list[threading.ExceptHookArgs] = []
+    before, threading.excepthook = threading.excepthook, reported.append
+    try:
+        for _ in range(20):
+            with pytest.raises(StoreError, match="cannot open the database"):
+                asyncio.run(Store.open(link, tmp_path / "images"))
+    finally:
+        threading.excepthook = before
+    assert not reported, [str(args.exc_value) for args in reported]
