@@ -366,6 +366,27 @@ async def test_a_telegram_token_the_platform_refuses_exits_2_in_one_line(tmp_pat
     assert wrong not in stderr and "not-the-token" not in stderr
 
 
+async def test_a_discord_token_the_platform_refuses_exits_2_in_one_line(tmp_path, models_dir):
+    from tests.fakes.discord_api import FakeDiscord
+
+    wrong = "d3Jvbmc.not-the.token-of-this-bot"
+    async with FakeDiscord() as discord_api:
+        config = write_config(tmp_path / "config.toml", models_dir, tmp_path / "state")
+        config.write_text(config.read_text().replace(
+            "[console]\nenabled = true\n", f'[discord]\napi_base_url = "{discord_api.api_base}"\n'
+                                             f'gateway_url = "{discord_api.gateway_url}"\n\n'
+                                             "[console]\nenabled = false\n"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot.cli", "run", "--config", str(config), cwd=tmp_path,
+            env=child_env(DRAWBOT_DISCORD_TOKEN=wrong), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    stderr = err.decode()
+    assert proc.returncode == 2, stderr
+    assert_one_clean_line(stderr, "Discord refused the bot token", "DRAWBOT_DISCORD_TOKEN")
+    assert wrong not in stderr and "not-the" not in stderr
+
+
 def test_ctrl_c_in_the_console_says_what_happens_and_a_second_one_stops_at_once(setup):
     config, state, start = setup
     db = state / "drawbot.sqlite3"
