@@ -344,6 +344,8 @@ def test_with_a_password_a_restart_mid_draw_keeps_the_login_and_delivers_to_my_p
                                                                                        models_dir):
     port = free_port()
     config = write_config(tmp_path / "config.toml", models_dir, tmp_path / "state", port)
+    # Long enough to be caught mid-draw: an idle machine draws 20 tiny steps in half a second, before the page shows one.
+    config.write_text(config.read_text().replace("max_steps = 50\n", "max_steps = 200\n"))
     env = child_env(DRAWBOT_WEB_PASSWORD=PAGE_PASSWORD)
     first = Bot(config, tmp_path, "first", port, env, args=("--stop-timeout", "0.2"))
     second = None
@@ -358,7 +360,7 @@ def test_with_a_password_a_restart_mid_draw_keeps_the_login_and_delivers_to_my_p
         page.click("button[type=submit]")
         page.wait_for_selector("#draw")
         page.wait_for_selector("#history .drawbot-empty, #history .drawbot-gallery")
-        draw(page, "a lighthouse at dusk", seed=42, steps=20)
+        draw(page, "a lighthouse at dusk", seed=42, steps=200)
         wait_until(lambda: "step" in status(page), 60, "drawing to start", first.err)
         first.stop()  # SIGTERM mid-draw: the job goes back to the queue
         assert first.proc.returncode == 0, first.err()
