@@ -62,6 +62,11 @@ elif [ "$1" = b ]; then  # on a fresh machine: the files again, then the pinned 
   cat $WC/*.weights > /dev/null
   log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 python3 -m bench.startup --models-dir $FS --budget 12 \
     --pictures 1 --weight-cache-dir $WC --out $OUT/file12_warm.json
+elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed engine from a dropped page cache
+  build
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures 2 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
 else  # c: the first build from a bf16 DiT file (after a or b, on the same machine)
   log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
   python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1

@@ -30,9 +30,10 @@ FILE_PATH_COMPILE_THREADS = 4
 WeightPath = Literal["pinned", "file"]
 
 
-PAGE_CACHE_MARGIN_GIB = 1.5
+PAGE_CACHE_MARGIN_GIB = 3.0
 """Of the budget, what the file-backed path leaves beside the process's own memory and the weights' page cache: the
-torch and CUDA libraries' mapped pages (page cache too, charged like the weights) and growth while drawing."""
+torch and CUDA libraries' mapped pages and torch.compile's cache files (page cache too, charged like the weights:
+about 2.9 GiB in a memory cgroup, bench/README.md), and growth while drawing."""
 
 
 def available_gib() -> float:
