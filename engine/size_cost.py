@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.host_ram import cgroup_room_bytes
+
 MIB = 1024**2
 GIB = 1024**3
 CPU_BYTES_PER_PIXEL_SQUARED = 2304 * MIB / (1024 * 1024) ** 2 * 1.25
@@ -84,9 +86,11 @@ def largest_like(width: int, height: int, largest_pixels: int, *, min_side: int 
     return w, h
 
 
-def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes the system can give this process now without swapping: MemAvailable, or what the cgroup (systemd's
-    MemoryMax, a container limit) still allows when that is less. None where neither can be read."""
+def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup"),
+                          proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes the system can give this process now without swapping: MemAvailable, or the room left under the memory
+    limits of this process's own cgroup and its parents (systemd's MemoryMax= on the unit, a container's limit) when
+    that is less. None where neither can be read."""
     available: int | None = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -95,14 +99,9 @@ def available_host_memory(meminfo: Path = Path("/proc/meminfo"), cgroup: Path = 
                 break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((cgroup / "memory.current").read_text().strip())
-            room = max(int(limit) - used, 0)
-            available = room if available is None else min(available, room)
-    except (OSError, ValueError):
-        pass
+    room = cgroup_room_bytes(cgroup, proc_cgroup)
+    if room is not None:
+        available = room if available is None else min(available, room)
     return available
 
 

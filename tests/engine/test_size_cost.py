@@ -52,16 +52,42 @@ def test_cpu_budget_is_available_memory_less_a_reserve_and_2048_squared_never_fi
 def test_available_memory_reads_meminfo_and_a_lower_cgroup_limit(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n")
-    cgroup = tmp_path / "cgroup"
+    cgroup = tmp_path / "cgroup"  # a container's view: its own cgroup is the root of the tree it sees
     cgroup.mkdir()
-    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024  # no cgroup files: MemAvailable
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/\n")
+    assert available_host_memory(meminfo, cgroup, proc) == 20000000 * 1024  # no cgroup files: MemAvailable
     (cgroup / "memory.max").write_text("max\n")
     (cgroup / "memory.current").write_text("123\n")
-    assert available_host_memory(meminfo, cgroup) == 20000000 * 1024
+    (cgroup / "memory.stat").write_text("anon 123\nfile 0\n")
+    assert available_host_memory(meminfo, cgroup, proc) == 20000000 * 1024
     (cgroup / "memory.max").write_text(f"{4 * GIB}\n")
     (cgroup / "memory.current").write_text(f"{GIB}\n")
-    assert available_host_memory(meminfo, cgroup) == 3 * GIB
-    assert available_host_memory(tmp_path / "missing", tmp_path / "missing") is None
+    assert available_host_memory(meminfo, cgroup, proc) == 3 * GIB
+    missing = tmp_path / "missing"
+    assert available_host_memory(missing, missing, missing) is None
+
+
+def test_available_memory_honours_memorymax_on_the_bots_own_systemd_unit(tmp_path):
+    """On a host the bot's cgroup is deep in the tree (/sys/fs/cgroup/system.slice/drawbot.service): its limit, and
+    a parent slice's, count. Only the tree's root used to be read, so a unit's MemoryMax= was ignored and a size
+    above it accepted, to be OOM-killed."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable:   20000000 kB\n")
+    root = tmp_path / "cgroup"
+    service = root / "system.slice" / "drawbot.service"
+    service.mkdir(parents=True)
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text("0::/system.slice/drawbot.service\n")
+    (service / "memory.max").write_text(f"{4 * GIB}\n")  # MemoryMax=4G
+    (service / "memory.current").write_text(f"{GIB}\n")  # 1 GiB charged, a quarter of it page cache
+    (service / "memory.stat").write_text(f"anon {3 * GIB // 4}\nfile {GIB // 4}\n")
+    assert available_host_memory(meminfo, root, proc) == 3 * GIB + GIB // 4
+    assert not cpu_size_cost(available_host_memory(meminfo, root, proc)).affordable(2048, 2048)
+    (service.parent / "memory.max").write_text(f"{2 * GIB}\n")  # a tighter limit on the slice
+    (service.parent / "memory.current").write_text(f"{3 * GIB // 2}\n")
+    (service.parent / "memory.stat").write_text("anon 1\nfile 0\n")
+    assert available_host_memory(meminfo, root, proc) == GIB // 2
 
 
 def test_gpu_cost_scales_the_calibrated_working_memory_into_the_unused_budget():
