@@ -15,6 +15,7 @@ its path and the command that fixes it, instead of failing deep inside the pipel
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,16 @@ def _first_line(exc: BaseException) -> str:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 160 else text[:159] + "…"
+
+
+def _out_of_room(exc: BaseException) -> bool:
+    """Somewhere in the chain of causes, the disk was full (or the owner's quota reached)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _remove_empty_leftovers(target: Path, *, stop_at: Path) -> None:
@@ -176,6 +187,10 @@ def download(models_dir: Path, *, snapshot_download: SnapshotDownload | None = N
         try:
             snapshot_download(repo_id, allow_patterns=patterns, local_dir=str(target))
         except Exception as exc:  # network, DNS, proxy, HTTP errors: whatever ModelScope's client raises
+            if _out_of_room(exc):
+                raise DownloadError(f"the disk holding {models_dir} is full: the model needs about 33 GB; free some "
+                                    "space (or point [engine] models_dir at a bigger disk), then run `drawbot "
+                                    "download` again; finished files are kept") from None
             raise DownloadError(f"cannot download {repo_id} from ModelScope ({_first_line(exc)}): check the network "
                                 "(or HTTPS_PROXY), then run `drawbot download` again; finished files are kept") \
                 from None

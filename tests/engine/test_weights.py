@@ -83,3 +83,21 @@ def test_download_uses_modelscope_by_default(tmp_path, monkeypatch):
     with pytest.raises(weights.WeightsError):
         weights.download(tmp_path)
     assert [s[0] for s in seen] == ["MAILAND/majicflus_v1", "black-forest-labs/FLUX.1-dev"]
+
+
+def test_download_onto_a_full_disk_says_the_disk_is_full_not_the_network(tmp_path):
+    """33 GB on a small disk: ModelScope's client fails writing (ENOSPC, wrapped in its own error). The line used to
+    blame the network ("check the network (or HTTPS_PROXY)")."""
+    import errno
+
+    def fills_the_disk(repo_id, **kw):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("download failed") from exc
+
+    with pytest.raises(weights.WeightsError) as error:
+        weights.download(tmp_path, snapshot_download=fills_the_disk)
+    line = str(error.value)
+    assert "network" not in line
+    assert f"the disk holding {tmp_path.resolve()} is full" in line and "drawbot download" in line
