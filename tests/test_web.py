@@ -364,6 +364,7 @@ def test_with_a_password_a_restart_mid_draw_keeps_the_login_and_delivers_to_my_p
         wait_until(lambda: "step" in status(page), 60, "drawing to start", first.err)
         first.stop()  # SIGTERM mid-draw: the job goes back to the queue
         assert first.proc.returncode == 0, first.err()
+        page.goto("about:blank")  # the old page's script would reload it when the port answers again, mid-goto
         second = Bot(config, tmp_path, "second", port, env)
         second.wait_serving()
         page.goto(second.url)  # the same browser: its signed session cookie still names alice
