@@ -1,7 +1,8 @@
 """Per-user admission rules as pure functions over a snapshot of the job ledger (no I/O, no clock of their own).
 
 The store reads a `Snapshot` inside the same SQLite write transaction that inserts the job, so checking and
-recording are one atomic step; this module only does the arithmetic and the wording.
+recording are one atomic step; this module only does the arithmetic: a refusal is data (which limit, its number,
+the wait), worded for the user by `bot.replies.admission_refusal`.
 
 Why not the `limits` package: it keeps its counters in memory/Redis/Memcached/MongoDB/etcd (no SQLite), so the
 check could not share a transaction with the job insert, and it has no notion of cooldowns or "jobs still running";
@@ -18,7 +19,6 @@ Rules (all windows are rolling, measured back from now):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,9 +66,14 @@ class Snapshot:
 @dataclass(frozen=True)
 class Decision:
     reason: Refusal
-    message: str
     retry_at: float | None
     retry_is_estimate: bool = False
+    wait: float = 0.0
+    """Seconds from the decision until `retry_at` (0 for a banned user)."""
+    limit: float = 0
+    """The limit in force: pictures (per hour, per day, at once, the queue cap) or seconds (the cooldown)."""
+    active: int = 0
+    """The user's pictures waiting or drawing (too_many_active)."""
 
 
 def jobs_in_window(created: Sequence[float], now: float, window: float) -> list[float]:
@@ -105,33 +110,14 @@ def estimate_wait(jobs_until_slot: int, running_elapsed: float | None, average_j
     return max(first + (jobs_until_slot - 1) * average_job_seconds, MIN_WAIT_ESTIMATE)
 
 
-def describe_wait(seconds: float) -> str:
-    """'7 seconds', '12 minutes', '5 hours 3 minutes': rounded up, so users are never told to come back too early."""
-    whole = max(1, math.ceil(seconds - 1e-9))
-    if whole < 60:
-        return _plural(whole, "second")
-    minutes = math.ceil(whole / 60)
-    if minutes < 60:
-        return _plural(minutes, "minute")
-    hours, minutes = divmod(minutes, 60)
-    return _plural(hours, "hour") + (f" {_plural(minutes, 'minute')}" if minutes else "")
-
-
-def _plural(count: int, unit: str) -> str:
-    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
-
-
-BANNED_MESSAGE = "Sorry, you can't draw with this bot: its owner has blocked your account. You won't hear from it again."
-
-
 def decide(snapshot: Snapshot, limits: LimitSettings, *, is_admin: bool, is_banned: bool) -> Decision | None:
-    """None if the job may be accepted; otherwise the limit that keeps the user waiting longest, worded for them.
+    """None if the job may be accepted; otherwise the limit that keeps the user waiting longest.
 
     When several limits apply, the one that ends last is reported, so "try again at" is a time when the job
     really would be accepted (as far as the ledger can tell; queue-based times are estimates).
     """
     if is_banned:
-        return Decision(Refusal.BANNED, BANNED_MESSAGE, None)
+        return Decision(Refusal.BANNED, None)
     if is_admin:
         return None
     now = snapshot.now
@@ -139,47 +125,20 @@ def decide(snapshot: Snapshot, limits: LimitSettings, *, is_admin: bool, is_bann
 
     retry = cooldown_retry_at(snapshot.last_created, now, limits.cooldown_seconds)
     if retry is not None:
-        found.append(Decision(
-            Refusal.COOLDOWN,
-            f"Please wait {describe_wait(retry - now)} before your next picture "
-            f"(there is a {describe_wait(limits.cooldown_seconds)} pause between pictures).",
-            retry,
-        ))
+        found.append(Decision(Refusal.COOLDOWN, retry, wait=retry - now, limit=limits.cooldown_seconds))
     retry = window_retry_at(snapshot.recent_created, now, HOUR, limits.per_hour)
     if retry is not None:
-        found.append(Decision(
-            Refusal.HOURLY,
-            f"You've drawn your {limits.per_hour} pictures for this hour. "
-            f"You can draw again in {describe_wait(retry - now)}.",
-            retry,
-        ))
+        found.append(Decision(Refusal.HOURLY, retry, wait=retry - now, limit=limits.per_hour))
     retry = window_retry_at(snapshot.recent_created, now, DAY, limits.per_day)
     if retry is not None:
-        found.append(Decision(
-            Refusal.DAILY,
-            f"You've drawn your {limits.per_day} pictures for today (the last 24 hours). "
-            f"You can draw again in {describe_wait(retry - now)}.",
-            retry,
-        ))
+        found.append(Decision(Refusal.DAILY, retry, wait=retry - now, limit=limits.per_day))
     if snapshot.user_active >= limits.max_active_per_user:
         wait = max(snapshot.user_active_wait, MIN_WAIT_ESTIMATE)
-        found.append(Decision(
-            Refusal.TOO_MANY_ACTIVE,
-            f"You already have {_plural(snapshot.user_active, 'picture')} waiting or drawing "
-            f"(at most {limits.max_active_per_user} at once). "
-            f"Try again when one is finished, in about {describe_wait(wait)}.",
-            now + wait,
-            True,
-        ))
+        found.append(Decision(Refusal.TOO_MANY_ACTIVE, now + wait, True, wait=wait, limit=limits.max_active_per_user,
+                              active=snapshot.user_active))
     if snapshot.queue_total >= limits.queue_cap:
         wait = max(snapshot.queue_wait, MIN_WAIT_ESTIMATE)
-        found.append(Decision(
-            Refusal.QUEUE_FULL,
-            f"The queue is full ({limits.queue_cap} pictures waiting or drawing). "
-            f"Please try again in about {describe_wait(wait)}.",
-            now + wait,
-            True,
-        ))
+        found.append(Decision(Refusal.QUEUE_FULL, now + wait, True, wait=wait, limit=limits.queue_cap))
     if not found:
         return None
     # Latest retry wins; on a tie, the exact (non-estimated) reason is the more useful one to show.

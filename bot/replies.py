@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from collections.abc import Callable
@@ -13,7 +14,8 @@ from bot.chat import Markup
 
 if TYPE_CHECKING:
     from bot.core.admin import BanOutcome
-    from bot.store import JobRecord, Usage
+    from bot.limits import Decision
+    from bot.store import JobRecord, Refused, Usage
 
 EXAMPLES: list[str] = [
     "/draw a red fox in the snow",
@@ -157,6 +159,41 @@ def caption(m: Markup, *, prompt: str, seed: int, steps: int, width: int, height
     if test_model:
         text += "\n" + m.escape(TEST_MODEL_NOTICE)
     return text
+
+
+def describe_wait(seconds: float) -> str:
+    """'7 seconds', '12 minutes', '5 hours 3 minutes': rounded up, so users are never told to come back too early."""
+    whole = max(1, math.ceil(seconds - 1e-9))
+    if whole < 60:
+        return _plural(whole, "second")
+    minutes = math.ceil(whole / 60)
+    if minutes < 60:
+        return _plural(minutes, "minute")
+    hours, minutes = divmod(minutes, 60)
+    return _plural(hours, "hour") + (f" {_plural(minutes, 'minute')}" if minutes else "")
+
+
+def _plural(count: int, unit: str) -> str:
+    return f"{count} {unit}" if count == 1 else f"{count} {unit}s"
+
+
+BANNED = "Sorry, you can't draw with this bot: its owner has blocked your account. You won't hear from it again."
+
+
+def admission_refusal(m: Markup, refused: Refused | Decision) -> str:
+    """A limit turned the picture down (bot.limits decides which, with its numbers; bot.store.Refused carries them)."""
+    limit, wait = int(refused.limit), describe_wait(refused.wait)
+    text = {
+        "banned": BANNED,
+        "cooldown": f"Please wait {wait} before your next picture "
+                    f"(there is a {describe_wait(refused.limit)} pause between pictures).",
+        "hourly": f"You've drawn your {limit} pictures for this hour. You can draw again in {wait}.",
+        "daily": f"You've drawn your {limit} pictures for today (the last 24 hours). You can draw again in {wait}.",
+        "too_many_active": f"You already have {_plural(refused.active, 'picture')} waiting or drawing "
+                           f"(at most {limit} at once). Try again when one is finished, in about {wait}.",
+        "queue_full": f"The queue is full ({limit} pictures waiting or drawing). Please try again in about {wait}.",
+    }[refused.reason]
+    return m.escape(text)
 
 
 def engine_refusal(m: Markup, refusal, *, prompt: str) -> str:

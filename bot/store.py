@@ -223,12 +223,16 @@ class Refused:
     """A submission a limit turned down: which one, and until when."""
 
     reason: Refusal
-    message: str = ""
-    """For the user: which limit applied and when they may try again."""
     retry_at: float | None = None
     """Epoch seconds when a new submission would be accepted; None for banned users."""
     retry_is_estimate: bool = False
     """True for queue_full/too_many_active: the time depends on how fast pictures finish ("in about ...")."""
+    wait: float = 0.0
+    """Seconds from the refusal until `retry_at` (what the user is told; bot.replies.admission_refusal words it)."""
+    limit: float = 0
+    """The limit in force (bot.limits.Decision.limit)."""
+    active: int = 0
+    """The user's pictures waiting or drawing (too_many_active)."""
     notify: bool = True
     """False when the user must not be told again (a banned user hears the refusal once)."""
     accepted: ClassVar[Literal[False]] = False
@@ -539,8 +543,8 @@ class Store:
                         (job.platform, job.user_id, now),
                     )
                     notify = inserted == 1
-                return Refused(decision.reason, decision.message, decision.retry_at, decision.retry_is_estimate,
-                               notify)
+                return Refused(decision.reason, decision.retry_at, decision.retry_is_estimate, decision.wait,
+                               decision.limit, decision.active, notify)
             job_id = uuid.uuid4().hex
             await self._db.execute(
                 "INSERT INTO jobs (id, platform, user_id, chat_id, prompt, seed, steps, width, height, status, "

@@ -83,7 +83,7 @@ class Submitter:
             log.info("refused platform=%s user=%s reason=%s", user.platform, user.id, admission.reason)
             state.metrics.refused(admission.reason)
             if admission.notify:
-                await conv.send_text(m.escape(admission.message))
+                await conv.send_text(replies.admission_refusal(m, admission))
             return None
         job_id = admission.job_id
         state.metrics.accepted(user.platform)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from bot import replies
+from bot.chat import PlainMarkup
 from bot.config import LimitSettings
 from bot.limits import (
     DAY,
@@ -13,7 +15,6 @@ from bot.limits import (
     Snapshot,
     cooldown_retry_at,
     decide,
-    describe_wait,
     estimate_wait,
     jobs_in_window,
     window_retry_at,
@@ -25,6 +26,11 @@ T0 = 1_700_000_000.25  # not a round number, so float edges are exercised
 def snapshot(now: float = T0, *, recent=(), last=None, active=0, active_wait=0.0, queue=0, queue_wait=0.0) -> Snapshot:
     return Snapshot(now=now, recent_created=list(recent), last_created=last, user_active=active,
                     user_active_wait=active_wait, queue_total=queue, queue_wait=queue_wait)
+
+
+def said(decision) -> str:
+    """The refusal as the user reads it."""
+    return replies.admission_refusal(PlainMarkup(), decision)
 
 
 OPEN = LimitSettings(cooldown_seconds=0, max_active_per_user=100, per_hour=0, per_day=0, queue_cap=1000)
@@ -61,7 +67,7 @@ def test_cooldown_ends_exactly_at_last_plus_cooldown():
      (2 * 3600 + 1, "2 hours 1 minute")],
 )
 def test_describe_wait_rounds_up(seconds, text):
-    assert describe_wait(seconds) == text
+    assert replies.describe_wait(seconds) == text
 
 
 def test_estimate_wait_uses_running_elapsed_and_floor():
@@ -82,7 +88,7 @@ def test_cooldown_refusal_and_edge():
     refused = decide(snapshot(T0 + 3, last=T0), limits, is_admin=False, is_banned=False)
     assert refused.reason is Refusal.COOLDOWN
     assert refused.retry_at == T0 + 10
-    assert "7 seconds" in refused.message and "10 seconds" in refused.message
+    assert "7 seconds" in said(refused) and "10 seconds" in said(refused)
     assert decide(snapshot(T0 + 10, last=T0), limits, is_admin=False, is_banned=False) is None
 
 
@@ -90,11 +96,11 @@ def test_hourly_and_daily_refusals_name_their_limit():
     limits = OPEN.model_copy(update={"per_hour": 2, "per_day": 3})
     hourly = decide(snapshot(T0 + 60, recent=[T0, T0 + 30]), limits, is_admin=False, is_banned=False)
     assert hourly.reason is Refusal.HOURLY and hourly.retry_at == T0 + HOUR
-    assert "2 pictures for this hour" in hourly.message and "59 minutes" in hourly.message
+    assert "2 pictures for this hour" in said(hourly) and "59 minutes" in said(hourly)
 
     daily = decide(snapshot(T0 + 2 * HOUR, recent=[T0, T0 + 30, T0 + HOUR]), limits, is_admin=False, is_banned=False)
     assert daily.reason is Refusal.DAILY and daily.retry_at == T0 + DAY
-    assert "3 pictures for today" in daily.message and "22 hours" in daily.message
+    assert "3 pictures for today" in said(daily) and "22 hours" in said(daily)
 
 
 def test_latest_limit_is_reported_when_several_apply():
@@ -113,11 +119,11 @@ def test_active_and_queue_refusals_are_estimates():
     active = decide(snapshot(active=2, active_wait=90, queue=3), limits, is_admin=False, is_banned=False)
     assert active.reason is Refusal.TOO_MANY_ACTIVE
     assert active.retry_is_estimate and active.retry_at == T0 + 90
-    assert "2 pictures waiting or drawing" in active.message and "at most 2" in active.message
+    assert "2 pictures waiting or drawing" in said(active) and "at most 2" in said(active)
 
     full = decide(snapshot(queue=10, queue_wait=120), limits, is_admin=False, is_banned=False)
     assert full.reason is Refusal.QUEUE_FULL and full.retry_is_estimate and full.retry_at == T0 + 120
-    assert "queue is full" in full.message and "2 minutes" in full.message
+    assert "queue is full" in said(full) and "2 minutes" in said(full)
 
 
 def test_admin_skips_everything_but_ban_wins():
@@ -125,4 +131,4 @@ def test_admin_skips_everything_but_ban_wins():
     busy = snapshot(recent=[T0 - 1], last=T0 - 1, active=1, queue=1)
     assert decide(busy, strict, is_admin=True, is_banned=False) is None
     banned = decide(snapshot(), OPEN, is_admin=True, is_banned=True)
-    assert banned.reason is Refusal.BANNED and banned.retry_at is None and "Sorry" in banned.message
+    assert banned.reason is Refusal.BANNED and banned.retry_at is None and "Sorry" in said(banned)

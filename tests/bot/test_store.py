@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bot import replies
+from bot.chat import PlainMarkup
 from bot.config import LimitSettings
 from bot.limits import DAY, HOUR, Refusal
 from bot.store import (
@@ -32,6 +34,11 @@ T0 = 1_700_000_000.25
 PNG = b"\x89PNG\r\n\x1a\n" + b"not really a picture, but the store only checks the signature"
 # No limit gets in the way unless a test sets it.
 OPEN = LimitSettings(cooldown_seconds=0, max_active_per_user=1000, per_hour=0, per_day=0, queue_cap=1000)
+
+
+def said(refused) -> str:
+    """A refusal as its user reads it."""
+    return replies.admission_refusal(PlainMarkup(), refused)
 
 
 class FakeClock:
@@ -85,7 +92,7 @@ async def admit(store: Store, new_job: NewJob | None = None, settings: LimitSett
 
 async def accepted_id(store: Store, new_job: NewJob | None = None, settings: LimitSettings = OPEN) -> str:
     admission = await admit(store, new_job, settings)
-    assert admission.accepted, admission.message
+    assert admission.accepted, admission
     return admission.job_id
 
 
@@ -254,7 +261,7 @@ async def test_cooldown_edges(store, clock, db_path):
     clock.advance(9.999)
     refused = await admit(store, settings=settings)
     assert refused.reason is Refusal.COOLDOWN and refused.retry_at == T0 + 10 and refused.notify
-    assert "1 second" in refused.message
+    assert "1 second" in said(refused)
     clock.now = T0 + 10  # exactly at the end of the cooldown
     assert (await admit(store, settings=settings)).accepted
     assert count_rows(db_path) == 2
@@ -274,7 +281,7 @@ async def test_max_active_per_user(store, clock):
     await store.mark_running(first)
     refused = await admit(store, settings=settings)
     assert refused.reason is Refusal.TOO_MANY_ACTIVE and refused.retry_is_estimate and refused.retry_at > T0
-    assert "at most 2" in refused.message
+    assert "at most 2" in said(refused)
     assert (await admit(store, job(user="someone else"), settings)).accepted
     await store.mark_done(first, PNG, duration=30, seconds_per_step=1.5)
     third = await accepted_id(store, settings=settings)
@@ -306,7 +313,7 @@ async def test_hourly_quota_edges(store, clock):
     clock.now = T0 + 100
     refused = await admit(store, settings=settings)
     assert refused.reason is Refusal.HOURLY and refused.retry_at == T0 + HOUR
-    assert "3 pictures for this hour" in refused.message and "59 minutes" in refused.message
+    assert "3 pictures for this hour" in said(refused) and "59 minutes" in said(refused)
     clock.now = T0 + HOUR - 0.001
     assert (await admit(store, settings=settings)).reason is Refusal.HOURLY
     clock.now = T0 + HOUR  # the first job leaves the window exactly now
@@ -323,7 +330,7 @@ async def test_daily_quota_edges(store, clock):
     await accepted_id(store, settings=settings)
     clock.now = T0 + DAY - 0.5
     refused = await admit(store, settings=settings)
-    assert refused.reason is Refusal.DAILY and refused.retry_at == T0 + DAY and "for today" in refused.message
+    assert refused.reason is Refusal.DAILY and refused.retry_at == T0 + DAY and "for today" in said(refused)
     clock.now = T0 + DAY
     assert (await admit(store, settings=settings)).accepted
 
@@ -356,7 +363,7 @@ async def test_global_queue_cap(store, clock):
         await accepted_id(store, job(user=user), settings)
     refused = await admit(store, job(user="d"), settings)
     assert refused.reason is Refusal.QUEUE_FULL and refused.retry_is_estimate
-    assert "queue is full" in refused.message and refused.retry_at > T0
+    assert "queue is full" in said(refused) and refused.retry_at > T0
     admin = await admit(store, job(user="boss"), settings, admin=True)
     assert admin.accepted and admin.jobs_ahead == 3
 
@@ -371,7 +378,7 @@ async def test_admins_skip_every_per_user_limit(store, clock):
 async def test_banned_user_is_refused_politely_once(store, db_path):
     first = await admit(store, banned=True)
     assert first.reason is Refusal.BANNED and first.notify and first.retry_at is None
-    assert "Sorry" in first.message
+    assert "Sorry" in said(first)
     again = await admit(store, banned=True, admin=True)  # banned wins over admin
     assert again.reason is Refusal.BANNED and not again.notify
     assert count_rows(db_path) == 0
