@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from bot.chat import Markup
+from engine.jobs import Failure
 
 if TYPE_CHECKING:
     from bot.core.admin import BanOutcome
     from bot.limits import Decision
     from bot.store import JobRecord, Refused, Usage
+    from engine.jobs import RequestRefusal
 
 EXAMPLES: list[str] = [
     "/draw a red fox in the snow",
@@ -196,14 +198,19 @@ def admission_refusal(m: Markup, refused: Refused | Decision) -> str:
     return m.escape(text)
 
 
-def engine_refusal(m: Markup, refusal, *, prompt: str) -> str:
+def engine_refusal(m: Markup, refusal: RequestRefusal, *, prompt: str) -> str:
     """A picture the engine can never draw (engine.jobs.RequestRefusal), refused before it is accepted."""
-    if refusal.reason == "too_large" and refusal.largest:
-        width, height = refusal.largest
+    if refusal.reason == "too_large":
         where = "graphics card" if refusal.device.startswith("cuda") else "computer"
+        if not refusal.largest:
+            return m.escape(f"Sorry, {refusal.width}x{refusal.height} is too big for this bot's {where}.")
+        width, height = refusal.largest
         return m.escape(f"Sorry, that size is too big for this bot's {where}: the largest picture of that shape it can "
                         f"draw is {width}x{height}. Try: /draw {short(prompt, 60)} --size {width}x{height}")
-    return m.escape(f"Sorry, I can't draw that: {refusal.message}.")
+    if refusal.reason == "bad_steps":
+        return m.escape(f"Sorry, I can't draw that: steps must be at least 1 (got {refusal.steps}).")
+    return m.escape(f"Sorry, I can't draw that: width and height must be positive multiples of 16 "
+                    f"(got {refusal.width}x{refusal.height}).")
 
 
 def done(m: Markup) -> str:
@@ -265,8 +272,23 @@ def cancelled_count(m: Markup, total: int) -> str:
                     "You have nothing waiting or drawing.")
 
 
-def failed(m: Markup, error: str) -> str:
-    return m.escape(f"Sorry, that picture failed: {error}")
+_FAILURES: dict[str, str] = {
+    Failure.OUT_OF_MEMORY: "the GPU ran out of memory while drawing this one; try a smaller size or again in a moment",
+    Failure.CRASHED: "something went wrong while drawing it; please try again",
+    Failure.REFUSED: "this bot can no longer draw a picture of that size or with that many steps; try a smaller one",
+    Failure.ENGINE_CLOSED: "the bot is restarting; please try again in a minute",
+    Failure.QUEUE_FULL: "the queue is full; please try again in a few minutes",
+    Failure.RESTARTED: "the bot stopped unexpectedly twice while drawing this picture, so it gave up on it; "
+                       "please try again, perhaps smaller",
+    Failure.UNREACHABLE: "the job could not be handed to the drawing machines; please try again",
+    Failure.PICTURE_LOST: "its file was lost before it could be sent; please draw it again",
+}
+
+
+def failed(m: Markup, failure: str) -> str:
+    """A picture that failed; `failure` is an engine.jobs.Failure value (as kept in the store). A value this version
+    does not know (a row from an older bot) gets the general sentence."""
+    return m.escape(f"Sorry, that picture failed: {_FAILURES.get(failure, _FAILURES[Failure.CRASHED])}")
 
 
 def cancelled(m: Markup) -> str:

@@ -55,7 +55,7 @@ from bot.limits import (
     jobs_in_window,
     window_retry_at,
 )
-from engine.jobs import JobStatus
+from engine.jobs import Failure, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ RESTART_RETRIES = 1
 """A job found running at start-up (the process died while drawing it) is queued again this many times, behind the
 jobs that were waiting then, and failed if the process dies with it running again: a picture that kills the bot must
 not be drawn into the same crash at every start, nor hold up everyone else's while it is tried again."""
-RESTART_FAILURE_MESSAGE = ("the bot stopped unexpectedly twice while drawing this picture, so it gave up on it; "
-                           "please try again, perhaps smaller")
 AVERAGE_OVER_LAST = 20
 """Finished jobs averaged for "try again in about ..." estimates."""
 STALE_TEMP_SECONDS = 3600.0
@@ -199,6 +197,7 @@ class JobRecord:
     duration: float | None
     seconds_per_step: float | None
     error: str | None
+    """Why it failed: an engine.jobs.Failure value (a sentence in rows older than that; bot.replies copes)."""
     image_path: Path | None
     delivered_at: float | None
     delivery_attempts: int
@@ -688,8 +687,9 @@ class Store:
         await asyncio.to_thread(_fsync_directory, self._images_dir)
         return final
 
-    async def mark_failed(self, job_id: str, error: str) -> bool:
-        """queued/running -> failed with `error` (shown to the user). False if unknown or already finished.
+    async def mark_failed(self, job_id: str, failure: Failure) -> bool:
+        """queued/running -> failed, keeping why (bot.replies words it for the user). False if unknown or already
+        finished.
 
         A done job not yet delivered may be failed too (its picture file was lost); its picture is then forgotten.
         """
@@ -698,7 +698,7 @@ class Store:
             changed = await self._update(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, image_file = NULL WHERE id = ? "
                 "AND (status IN (?, ?) OR (status = 'done' AND delivered_at IS NULL))",
-                (self._clock(), _clip(error), job_id, *_ACTIVE),
+                (self._clock(), failure.value, job_id, *_ACTIVE),
             ) == 1
         if changed and row is not None and row["image_file"]:
             await asyncio.to_thread(_remove_files, [self._images_dir / row["image_file"]])
@@ -814,7 +814,7 @@ class Store:
                     await self._update(
                         "UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, attempts = attempts + 1 "
                         "WHERE id = ?",
-                        (self._clock(), RESTART_FAILURE_MESSAGE, job_id),
+                        (self._clock(), Failure.RESTARTED.value, job_id),
                     )
                 row = await self._job_row(job_id)
         assert row is not None

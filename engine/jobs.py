@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Callable, Literal, Protocol
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class JobEvent:
     total: int = 0
     elapsed: float = 0.0
     eta: float | None = None
-    error: str | None = None
+    error: Failure | None = None
+    """Why a `failed` job failed."""
 
 
 class JobHandle(Protocol):
@@ -83,12 +84,63 @@ class JobHandle(Protocol):
         """The result; raises JobFailed or JobCancelled."""
 
 
+class Failure(StrEnum):
+    """Why a job failed, as data: the chat side words it for its user (bot.replies.failed); the store and the cluster
+    keep and pass on the value. The engine writes no chat sentences."""
+
+    OUT_OF_MEMORY = "out_of_memory"
+    """The device ran out of memory while drawing it (the engine freed memory and goes on)."""
+    CRASHED = "crashed"
+    """Any other error while drawing it (the owner's log has the traceback)."""
+    REFUSED = "refused"
+    """The engine can never draw it (RequestRefusal): accepted earlier, under another config or device."""
+    ENGINE_CLOSED = "engine_closed"
+    """The engine was shutting down when the job was handed to it."""
+    QUEUE_FULL = "queue_full"
+    """The engine's own queue was full when the job was handed to it."""
+    RESTARTED = "restarted"
+    """The bot stopped unexpectedly twice while drawing it, so it gave up (bot.store)."""
+    UNREACHABLE = "unreachable"
+    """The job could not be handed to the drawing machines (bot.cluster)."""
+    PICTURE_LOST = "picture_lost"
+    """Drawn, but its file was gone before it could be delivered (bot.core.delivery)."""
+
+    @classmethod
+    def parse(cls, text: str | None) -> Failure:
+        """A value as stored or sent; anything else (an older bot's or worker's prose) counts as CRASHED."""
+        try:
+            return cls(text or "")
+        except ValueError:
+            return cls.CRASHED
+
+
+_FAILURE_LOG_TEXT = {
+    Failure.OUT_OF_MEMORY: "the device ran out of memory while drawing; try a smaller size or again in a moment",
+    Failure.CRASHED: "generation failed",
+    Failure.REFUSED: "this engine cannot draw that request",
+    Failure.ENGINE_CLOSED: "the engine is shutting down",
+    Failure.QUEUE_FULL: "the engine's queue is full",
+    Failure.RESTARTED: "the bot stopped twice while drawing it",
+    Failure.UNREACHABLE: "the job could not be handed to the drawing machines",
+    Failure.PICTURE_LOST: "the picture file was lost before it was delivered",
+}
+
+
 class EngineError(Exception):
-    """Base of the engine's own errors; the message is fit to show a user."""
+    """Base of the engine's own errors. `failure` says why, as data (bot.replies words it for a chat user);
+    `str(exc)` is one plain line for the owner's log and `drawbot draw`."""
+
+    failure = Failure.CRASHED
 
 
 class JobFailed(EngineError):
-    """The generation failed (out of GPU memory, a broken model file, ...). `str(exc)` is for users."""
+    """The generation failed (out of GPU memory, a broken model file, ...)."""
+
+    def __init__(self, failure: Failure, detail: str = ""):
+        super().__init__(_FAILURE_LOG_TEXT[failure] + (f" ({detail})" if detail else ""))
+        self.failure = failure
+        self.detail = detail
+        """For the log: the error behind it (its type, the device's message)."""
 
 
 class JobCancelled(EngineError):
@@ -98,9 +150,20 @@ class JobCancelled(EngineError):
 class EngineClosed(EngineError):
     """The engine is shutting down and accepts no new jobs."""
 
+    failure = Failure.ENGINE_CLOSED
+
+    def __init__(self) -> None:
+        super().__init__(_FAILURE_LOG_TEXT[Failure.ENGINE_CLOSED])
+
 
 class QueueFull(EngineError):
     """More jobs are waiting than the engine accepts."""
+
+    failure = Failure.QUEUE_FULL
+
+    def __init__(self, max_queue: int):
+        super().__init__(f"{_FAILURE_LOG_TEXT[Failure.QUEUE_FULL]} ({max_queue} waiting)")
+        self.max_queue = max_queue
 
 
 @dataclass(frozen=True)
@@ -112,16 +175,22 @@ class RequestRefusal:
     shape that does), "bad_size" (a side that is not a positive multiple of 16) or "bad_steps" (fewer than 1).
     """
 
-    reason: str
+    reason: Literal["too_large", "bad_size", "bad_steps"]
     message: str
-    """The same in plain words, for logs and the command line (the chat side words its own line)."""
+    """The same in plain words, for logs and the command line (bot.replies words the chat's line from the data)."""
     device: str = ""
     largest: tuple[int, int] | None = None
     largest_pixels: int | None = None
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    """The refused request's size and steps."""
 
 
 class RequestRefused(EngineError):
     """Engine.submit was given a request that Engine.check refuses; `refusal` says why."""
+
+    failure = Failure.REFUSED
 
     def __init__(self, refusal: RequestRefusal):
         super().__init__(refusal.message)
@@ -150,7 +219,7 @@ class EngineJob:
         self.id = job_id
         self.request = request
         self.state = JobState.QUEUED
-        self.error: str | None = None
+        self.error: Failure | None = None
         self._engine = engine
         self._listener = listener
         self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
@@ -180,7 +249,8 @@ class EngineJob:
         except Exception:  # a broken listener must not take the engine down
             log.exception("job listener failed job=%s event=%s", self.id, event.kind)
 
-    def _finish(self, state: JobState, result: GenerationResult | None = None, error: str | None = None) -> None:
+    def _finish(self, state: JobState, result: GenerationResult | None = None, error: Failure | None = None,
+                detail: str = "") -> None:
         if self._future.done():
             return
         self.state = state
@@ -192,7 +262,7 @@ class EngineJob:
             self._future.set_exception(JobCancelled("cancelled"))
             self._emit(JobEvent(self.id, "cancelled"))
         else:
-            self._future.set_exception(JobFailed(error or "generation failed"))
+            self._future.set_exception(JobFailed(error or Failure.CRASHED, detail))
             self._emit(JobEvent(self.id, "failed", error=error))
 
 

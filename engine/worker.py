@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from engine.jobs import (
     EngineClosed,
     EngineInfo,
     EngineJob,
+    Failure,
     GenerationRequest,
     GenerationResult,
     JobCancelled,
@@ -146,16 +148,17 @@ class Engine:
 
         Depends only on the request and the device, never on what is waiting: the chat side asks before it accepts
         a job, and `submit` refuses the same with RequestRefused."""
+        asked = functools.partial(RequestRefusal, width=request.width, height=request.height, steps=request.steps)
         if request.steps < 1:
-            return RequestRefusal("bad_steps", f"steps must be at least 1 (got {request.steps})")
+            return asked("bad_steps", f"steps must be at least 1 (got {request.steps})")
         for name, side in (("width", request.width), ("height", request.height)):
             if side < 16 or side % 16:
-                return RequestRefusal("bad_size", f"{name} must be a positive multiple of 16 (got {side})")
+                return asked("bad_size", f"{name} must be a positive multiple of 16 (got {side})")
         cost = self.size_cost
         if cost is not None and not cost.affordable(request.width, request.height):
             largest = cost.largest_pixels
             w, h = largest_like(request.width, request.height, largest)
-            return RequestRefusal(
+            return asked(
                 "too_large",
                 f"{request.width}x{request.height} needs more memory than this {cost.device.upper()} has for a "
                 f"picture; the largest of that shape that fits is {w}x{h}",
@@ -166,12 +169,12 @@ class Engine:
     def submit(self, request: GenerationRequest, listener: Listener | None = None, *, job_id: str | None = None) -> Job:
         """Queue a request; returns at once. Raises EngineClosed, RequestRefused (see `check`) or QueueFull."""
         if self._closed:
-            raise EngineClosed("the bot is restarting; please try again in a minute")
+            raise EngineClosed()
         refusal = self.check(request)
         if refusal is not None:
             raise RequestRefused(refusal)
         if len(self._queue) >= self._max_queue:
-            raise QueueFull(f"the queue is full ({self._max_queue} waiting); please try again in a few minutes")
+            raise QueueFull(self._max_queue)
         job = Job(self, job_id or uuid.uuid4().hex[:12], request, listener)
         self._queue.append(job)
         job._emit(JobEvent(job.id, "queued", position=job.position))
@@ -223,10 +226,10 @@ class Engine:
             except _StopRequested:
                 job._finish(JobState.CANCELLED)
             except JobFailed as exc:
-                job._finish(JobState.FAILED, error=str(exc))
+                job._finish(JobState.FAILED, error=exc.failure, detail=exc.detail)
             except Exception as exc:  # any other bug fails this job, never the engine
                 log.exception("job %s failed", job.id)
-                job._finish(JobState.FAILED, error=f"generation failed: {type(exc).__name__}")
+                job._finish(JobState.FAILED, error=Failure.CRASHED, detail=type(exc).__name__)
             else:
                 job._finish(JobState.DONE, result)
             finally:
@@ -259,9 +262,7 @@ class Engine:
             if _is_out_of_memory(exc):
                 log.warning("job %s: out of GPU memory (%s); freeing memory and going on", job.id, exc)
                 pipeline.recover_from_oom()
-                raise JobFailed(
-                    "the GPU ran out of memory while drawing this one; try a smaller size or again in a moment"
-                ) from exc
+                raise JobFailed(Failure.OUT_OF_MEMORY, str(exc).splitlines()[0] if str(exc) else "") from exc
             raise
 
 

@@ -102,7 +102,10 @@ def test_sigkill_mid_job_then_restart_loses_nothing(setup, tmp_path):
 def test_sigkill_twice_mid_job_retries_it_once_then_fails_it_and_tells_the_user(setup, tmp_path):
     """A picture during which the process dies is drawn again once (store.RESTART_RETRIES), not into the same crash
     at every start: at the third start it is failed, its user told, and the job waiting behind it is drawn."""
-    from bot.store import RESTART_FAILURE_MESSAGE, RESTART_RETRIES
+    from bot import replies
+    from bot.chat import PlainMarkup
+    from bot.store import RESTART_RETRIES
+    from engine.jobs import Failure
 
     assert RESTART_RETRIES == 1
     config, state, start = setup
@@ -127,8 +130,10 @@ def test_sigkill_twice_mid_job_retries_it_once_then_fails_it_and_tells_the_user(
     for stderr in (first.err(), second.err(), third.stderr):
         assert "Traceback" not in stderr and "⏎" not in stderr, stderr
     heron, kettle = job_rows(db)
-    assert (heron["status"], heron["attempts"], heron["error"]) == ("failed", 2, RESTART_FAILURE_MESSAGE)
-    assert f"Sorry, that picture failed: {RESTART_FAILURE_MESSAGE}" in third.stdout  # its user is told
+    assert (heron["status"], heron["attempts"], heron["error"]) == ("failed", 2, Failure.RESTARTED)
+    told = replies.failed(PlainMarkup(), Failure.RESTARTED)
+    assert told.startswith("Sorry, that picture failed") and "twice" in told
+    assert told in third.stdout  # its user is told
     assert "picture saved" not in third.stdout  # not drawn a third time
     assert kettle["status"] == "done" and kettle["delivered_at"] is not None  # nothing else lost
 

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass
 
 from engine.jobs import GenerationRequest
 
-PROTOCOL = 1
-"""Raised whenever a key, a field or a script changes meaning; a worker of another version is refused."""
+PROTOCOL = 2
+"""Raised whenever a key, a field or a script changes meaning; a worker of another version is refused.
+2: a failed job's `error` is an engine.jobs.Failure value (the bot words it), no longer a sentence."""
 
 WORKERS_GROUP = "workers"
 BOT_GROUP = "bot"

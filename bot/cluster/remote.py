@@ -33,6 +33,7 @@ from bot.cluster.protocol import BOT_CONSUMER, BOT_GROUP, Capability, Keys, Mode
 from bot.cluster.settings import ClusterSettings, redacted
 from engine.jobs import (
     EngineClosed,
+    Failure,
     EngineError,
     EngineInfo,
     EngineJob,
@@ -154,7 +155,7 @@ class RemoteEngine:
     def submit(self, request: GenerationRequest, listener: Listener | None = None, *,
                job_id: str | None = None) -> RemoteJob:
         if self._closed:
-            raise EngineClosed("the bot is restarting; please try again in a minute")
+            raise EngineClosed()
         refusal = self.check(request)
         if refusal is not None:
             raise RequestRefused(refusal)
@@ -176,7 +177,8 @@ class RemoteEngine:
     def check(self, request: GenerationRequest) -> RequestRefusal | None:
         """Refuses a size that no live worker draws (or, with none live now, no recently known one)."""
         if request.steps < 1:
-            return RequestRefusal("bad_steps", f"steps must be at least 1 (got {request.steps})")
+            return RequestRefusal("bad_steps", f"steps must be at least 1 (got {request.steps})",
+                                  width=request.width, height=request.height, steps=request.steps)
         tier = protocol.tier_of(request.width * request.height)
         pool = self._live or self._known
         if not pool:
@@ -188,7 +190,8 @@ class RemoteEngine:
         which = "live" if self._live else "known"
         return RequestRefusal("too_large", f"{request.width}x{request.height} is larger than any {which} drawing "
                               f"worker draws (the largest draw about {side}x{side})", device="cluster",
-                              largest=(side, side), largest_pixels=largest)
+                              largest=(side, side), largest_pixels=largest, width=request.width,
+                              height=request.height, steps=request.steps)
 
     async def _publisher(self) -> None:
         while True:
@@ -203,7 +206,7 @@ class RemoteEngine:
                 log.exception("cluster: publishing job %s failed", job.id)
                 self._waiting.pop(job.id, None)
                 self._jobs.pop(job.id, None)
-                job._finish(JobState.FAILED, error="the job could not be handed to the drawing machines")
+                job._finish(JobState.FAILED, error=Failure.UNREACHABLE)
 
     async def _publish(self, job: RemoteJob) -> None:
         request_json = protocol.encode_request(job.request)
@@ -380,7 +383,8 @@ class RemoteEngine:
         elif kind == "failed":
             self._waiting.pop(job_id, None)
             self._jobs.pop(job_id, None)
-            job._finish(JobState.FAILED, error=protocol.text(fields.get("error")) or "generation failed")
+            job._finish(JobState.FAILED, error=Failure.parse(protocol.text(fields.get("error"))),
+                        detail=protocol.text(fields.get("detail")) or "")
         await self._ack(entry_id)
 
     async def _ack(self, entry_id: bytes) -> None:

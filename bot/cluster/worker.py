@@ -203,7 +203,7 @@ class ClusterWorker:
             self._job = None
             log.warning("worker %s: refused job %s: %s", self.name, job_id, exc)
             await self._finish(keys, token, entry_id, int(self._settings.result_keep_seconds * 1000), "failed", b"",
-                               ["error", str(exc), "worker", self.name])
+                               ["error", exc.failure, "worker", self.name])
             return
 
         async def keep_lease() -> None:
@@ -260,7 +260,7 @@ class ClusterWorker:
             except JobFailed as exc:
                 log.warning("worker %s: job %s failed: %s", self.name, job_id, exc)
                 await self._finish(keys, token, entry_id, keep_ms, "failed", b"",
-                                   ["error", str(exc), "worker", self.name])
+                                   ["error", exc.failure, "detail", exc.detail, "worker", self.name])
                 return
             fields = ["seconds", f"{result.seconds:.3f}", "seconds_per_step", f"{result.seconds_per_step:.4f}",
                       "peak_vram", "" if result.peak_vram_bytes is None else result.peak_vram_bytes,

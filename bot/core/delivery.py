@@ -10,6 +10,7 @@ from bot.chat import Button, Conversation, Picture
 from bot.core.room import Room
 from bot.core.state import CoreState, log
 from bot.store import JobRecord
+from engine.jobs import Failure
 
 
 class Delivery:
@@ -62,7 +63,7 @@ class Delivery:
         png = record.image_path.read_bytes() if record.image_path and record.image_path.is_file() else None
         if png is None:
             await self.room.save(f"failure of job {record.id}",
-                                 lambda: self.state.store.mark_failed(record.id, "the picture file was lost"))
+                                 lambda: self.state.store.mark_failed(record.id, Failure.PICTURE_LOST))
             return
         await self.deliver(record, conv, png=png, seconds=record.duration or 0.0,
                            test_model=self.state.is_test_model,

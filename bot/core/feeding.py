@@ -49,7 +49,7 @@ class Feeder:
                 except EngineError as exc:
                     # What the engine can never draw was refused at admission; this is a job accepted earlier (before
                     # a restart, under another config or device): fail it and tell its user.
-                    live.events.put_nowait(JobEvent(job_id, "failed", error=str(exc)))
+                    live.events.put_nowait(JobEvent(job_id, "failed", error=exc.failure))
                     continue
                 room -= 1
             self.announce_positions(queue)

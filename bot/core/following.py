@@ -18,7 +18,7 @@ from bot.core.pacing import EditPacer
 from bot.core.room import Room
 from bot.core.state import CoreState, Live, log, quietly, safe_send
 from bot.store import DiskFull
-from engine.jobs import GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
+from engine.jobs import Failure, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
 
 ENDS = ("done", "failed", "cancelled", "kept")
 """Events after which a job has nothing more to show (kept: a graceful stop left it queued in the store)."""
@@ -94,7 +94,7 @@ class Follower:
             return None
         if event.kind == "cancelled":
             return await self._cancelled(live)
-        return await self._failed(live, event.error or "generation failed")
+        return await self._failed(live, event.error or Failure.CRASHED)
 
     async def _ended_in_engine(self, live: Live, event: JobEvent) -> str | None:
         """The engine's outcome: delivered, cancelled (or kept at a graceful stop), or failed."""
@@ -112,7 +112,7 @@ class Follower:
                 return None
             return await self._cancelled(live)
         except JobFailed as exc:
-            return await self._failed(live, str(exc))
+            return await self._failed(live, exc.failure, exc.detail)
         return await self._done(live, result)
 
     async def _cancelled(self, live: Live) -> str:
@@ -122,12 +122,13 @@ class Follower:
         await self.room.save(f"cancel of job {job_id}", lambda: self.state.store.mark_cancelled(job_id))
         return replies.cancelled(live.conv.markup)
 
-    async def _failed(self, live: Live, error: str) -> str:
+    async def _failed(self, live: Live, failure: Failure, detail: str = "") -> str:
         self.state.metrics.finished("failed")
-        log.warning("failed job=%s platform=%s user=%s: %s", live.record_id, live.conv.platform, live.user_id, error)
+        log.warning("failed job=%s platform=%s user=%s: %s%s", live.record_id, live.conv.platform, live.user_id,
+                    failure, f" ({detail})" if detail else "")
         job_id = live.record_id
-        await self.room.save(f"failure of job {job_id}", lambda: self.state.store.mark_failed(job_id, error))
-        text = replies.failed(live.conv.markup, error)
+        await self.room.save(f"failure of job {job_id}", lambda: self.state.store.mark_failed(job_id, failure))
+        text = replies.failed(live.conv.markup, failure)
         if live.ack_id is None:
             await safe_send(live.conv, text)
         return text

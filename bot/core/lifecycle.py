@@ -15,7 +15,7 @@ from bot.core.following import Follower
 from bot.core.room import Room
 from bot.core.state import CoreState, log, safe_send
 from bot.store import DiskFull, JobRecord
-from engine.jobs import GenerationRequest, JobEvent, JobState
+from engine.jobs import Failure, GenerationRequest, JobEvent, JobState
 
 
 class Lifecycle:
@@ -60,7 +60,7 @@ class Lifecycle:
         if record.status == "running":
             record = await self.state.store.requeue_after_restart(record.id)
             if record.status == "failed":
-                await safe_send(conv, replies.failed(conv.markup, record.error or "the bot restarted"))
+                await safe_send(conv, replies.failed(conv.markup, record.error or Failure.RESTARTED))
                 return
         live = self.follower.start(record.id, GenerationRequest(record.prompt, record.seed, record.steps,
                                                                 record.width, record.height),

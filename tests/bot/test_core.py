@@ -11,6 +11,7 @@ from bot import replies
 from bot.chat import User
 from bot.config import PolicySettings
 from bot.core import ChatCore
+from engine.jobs import Failure
 from engine.png import read_parameters
 from engine.worker import Engine
 from tests.bot.conftest import core_for, make_config
@@ -388,3 +389,35 @@ async def test_a_graceful_stop_keeps_jobs_not_yet_handed_to_the_engine_queued(ti
     assert conv.texts().count("The bot is restarting. Your picture is kept and will be drawn when it is back.") == 3
     assert [r.status for r in await store.history("console", "bob")] == ["queued"] * 3
     assert len(await store.queue()) == 4  # the stopped running one back in line first
+
+
+class OutOfMemoryOncePipeline(HeldPipeline):
+    """The real tiny pipeline, whose first picture runs out of memory (the worker's own out-of-memory path)."""
+
+    def generate(self, request, on_step):
+        if not self.release.is_set():
+            self.release.set()
+            raise MemoryError("out of memory (injected)")
+        return self._pipeline.generate(request, on_step)
+
+
+async def test_a_failed_picture_is_worded_by_replies_from_the_engines_failure(tiny_settings, store, tiny_pipeline):
+    """The engine says why as data (engine.jobs.Failure); the store keeps the value; the user reads replies' sentence,
+    and the next picture is drawn."""
+    oom = Engine(lambda: OutOfMemoryOncePipeline(tiny_pipeline))
+    await oom.start()
+    try:
+        core = core_for(make_config(tiny_settings), store, oom)
+        conv = RecordingConversation()
+        await core.on_text(ALICE, conv, "/draw a heavy fox --steps 1")
+        await core.drain()
+        await core.on_text(ALICE, conv, "/draw a light fox --steps 1")
+        await core.drain()
+        told = replies.failed(conv.markup, Failure.OUT_OF_MEMORY)
+        assert told.startswith("Sorry, that picture failed") and "memory" in told
+        assert told in [t for _, t in conv.edits]  # the acknowledgement ends with it
+        light, heavy = await store.history("console", "alice")
+        assert (heavy.status, heavy.error) == ("failed", "out_of_memory") and light.status == "done"
+        assert [p.caption.split("\n")[0] for p in conv.pictures] == ["a light fox"]
+    finally:
+        await oom.close(timeout=30)

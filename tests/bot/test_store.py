@@ -18,7 +18,6 @@ from bot.chat import PlainMarkup
 from bot.config import LimitSettings
 from bot.limits import DAY, HOUR, Refusal
 from bot.store import (
-    RESTART_FAILURE_MESSAGE,
     SCHEMA_VERSION,
     Accepted,
     InvalidJob,
@@ -28,6 +27,7 @@ from bot.store import (
     StoreError,
     UnknownJob,
 )
+from engine.jobs import Failure
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.25
@@ -285,7 +285,7 @@ async def test_max_active_per_user(store, clock):
     assert (await admit(store, job(user="someone else"), settings)).accepted
     await store.mark_done(first, PNG, duration=30, seconds_per_step=1.5)
     third = await accepted_id(store, settings=settings)
-    await store.mark_failed(second, "out of GPU memory")
+    await store.mark_failed(second, Failure.CRASHED)
     await store.mark_cancelled(third)
     assert (await admit(store, settings=settings)).accepted
 
@@ -344,7 +344,7 @@ async def test_failed_and_cancelled_jobs_give_quota_back_but_keep_cooldown(store
     settings = limits(per_hour=1, cooldown_seconds=10)
     failed = await accepted_id(store, settings=settings)
     await store.mark_running(failed)
-    await store.mark_failed(failed, "out of GPU memory")
+    await store.mark_failed(failed, Failure.CRASHED)
     clock.advance(5)
     assert (await admit(store, settings=settings)).reason is Refusal.COOLDOWN  # cooldown still counts it
     clock.advance(5)
@@ -535,24 +535,24 @@ async def test_mark_done_refuses_finished_jobs_and_bad_data(store, images_dir):
     assert list(images_dir.iterdir()) == []
 
 
-async def test_mark_failed_keeps_error_text(store):
+async def test_mark_failed_keeps_why(store):
     job_id = await accepted_id(store)
-    assert await store.mark_failed(job_id, "out of GPU memory " + "!" * 5000)
+    assert await store.mark_failed(job_id, Failure.OUT_OF_MEMORY)
     record = await store.get_job(job_id)
-    assert record.status == "failed" and record.error.startswith("out of GPU memory") and len(record.error) <= 2000
+    assert record.status == "failed" and Failure.parse(record.error) is Failure.OUT_OF_MEMORY
 
 
 async def test_done_but_undelivered_job_can_be_failed_when_its_picture_is_lost(store, images_dir):
     job_id = await accepted_id(store)
     path = await store.mark_done(job_id, PNG, duration=1, seconds_per_step=None)
-    assert await store.mark_failed(job_id, "the picture file was lost")
+    assert await store.mark_failed(job_id, Failure.PICTURE_LOST)
     record = await store.get_job(job_id)
     assert record.status == "failed" and record.image_path is None and not path.exists()
     assert await store.unfinished_jobs() == []
     delivered = await accepted_id(store)
     await store.mark_done(delivered, PNG, duration=1, seconds_per_step=None)
     await store.mark_delivered(delivered)
-    assert not await store.mark_failed(delivered, "too late")  # delivered pictures stay done
+    assert not await store.mark_failed(delivered, Failure.CRASHED)  # delivered pictures stay done
     assert (await store.get_job(delivered)).status == "done"
 
 
@@ -626,7 +626,7 @@ async def test_mark_delivered_exactly_once(store):
     assert results.count(True) == 1
     assert not await store.mark_delivered(job_id)
     failed = await accepted_id(store)
-    await store.mark_failed(failed, "oops")
+    await store.mark_failed(failed, Failure.CRASHED)
     assert await store.mark_delivered(failed) and not await store.mark_delivered(failed)
 
 
@@ -663,7 +663,7 @@ async def test_unfinished_jobs_in_submit_order_and_restart_retry(store, clock):
     await store.mark_running(ids["running"])
     await store.mark_done(ids["done_delivered"], PNG, duration=1, seconds_per_step=None)
     await store.mark_delivered(ids["done_delivered"])
-    await store.mark_failed(ids["failed"], "x")
+    await store.mark_failed(ids["failed"], Failure.CRASHED)
     await store.mark_cancelled(ids["cancelled"])
     unfinished = await store.unfinished_jobs()
     assert [r.id for r in unfinished] == [ids[n] for n in ("done_undelivered", "running", "queued", "queued_late")]
@@ -680,7 +680,7 @@ async def test_unfinished_jobs_in_submit_order_and_restart_retry(store, clock):
     clock.advance(50)
     given_up = await store.requeue_after_restart(ids["running"])
     assert given_up.status == "failed" and given_up.attempts == 2
-    assert given_up.error == RESTART_FAILURE_MESSAGE and "twice" in given_up.error
+    assert given_up.error == Failure.RESTARTED
     assert given_up.finished_at == T0 + 50
     assert ids["running"] not in [r.id for r in await store.unfinished_jobs()]
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from engine.jobs import EngineClosed, GenerationRequest, JobCancelled, JobFailed, QueueFull
+from engine.jobs import EngineClosed, Failure, GenerationRequest, JobCancelled, JobFailed, QueueFull
 from engine.worker import Engine
 
 
@@ -115,8 +115,9 @@ async def test_out_of_memory_fails_only_that_job(engine, tiny_pipeline):
     try:
         failing = engine.submit(req(seed=8, steps=2))
         following = engine.submit(req(seed=9, steps=2))
-        with pytest.raises(JobFailed, match="ran out of memory"):
+        with pytest.raises(JobFailed, match="ran out of memory") as failed:
             await failing.wait()
+        assert failed.value.failure is Failure.OUT_OF_MEMORY  # data: the chat side words it (bot.replies.failed)
         result = await following.wait()
     finally:
         handle.remove()
