@@ -14,6 +14,7 @@ from bot.chat import Markup
 from engine.jobs import Failure
 
 if TYPE_CHECKING:
+    from bot.config import LimitSettings
     from bot.core.admin import BanOutcome
     from bot.limits import Decision
     from bot.store import JobRecord, Refused, Usage
@@ -57,6 +58,44 @@ PICTURE_GONE = "I can't find that picture any more."
 NOT_YOUR_PICTURE = "Only the person who asked for this picture can use its buttons - send your own /draw!"
 DRAW_FIRST = "Draw a picture first."
 DID_NOT_WORK = "Sorry, that did not work."
+
+
+# -- command menus: Telegram's setMyCommands, Discord's slash commands ------------------------------------------------
+
+MENU: dict[str, str] = {
+    "draw": "Draw a picture",
+    "help": "How to use this bot, with examples",
+    "history": "Your last pictures, to draw one again",
+    "usage": "How many pictures you may still ask for",
+    "cancel": "Cancel your waiting or running pictures",
+}
+"""Each menu command's description, in menu order. /start, /again and /reroll work too but need no menu entry."""
+
+
+def menu(*, typed_options: bool) -> list[tuple[str, str]]:
+    """(command, description) for a platform's menu. Text commands (Telegram) show an example of /draw's form."""
+    return [(command, f"{text}: {EXAMPLES[0]}" if command == "draw" and not typed_options else text)
+            for command, text in MENU.items()]
+
+
+def draw_option_descriptions(*, min_steps: int, max_steps: int, default_steps: int) -> dict[str, str]:
+    """Discord's /draw options."""
+    return {
+        "prompt": "What to draw, in words",
+        "seed": "Same seed + same prompt = same picture (random if left out)",
+        "steps": f"More steps: more detail, slower ({min_steps}-{max_steps}, default {default_steps})",
+        "size": "Picture shape (default: square)",
+        "png": "Attach the picture as a plain file instead of showing it in the embed",
+    }
+
+
+ADMIN_MENU = "Tools for the bot's admins"
+ADMIN_MENU_COMMANDS: dict[str, str] = {
+    "queue": "Every picture waiting or being drawn",
+    "ban": "Stop someone from drawing (until an admin unbans them)",
+    "unban": "Let a banned user draw again",
+}
+ADMIN_MENU_USER: dict[str, str] = {"ban": "Who to ban", "unban": "Who to unban"}
 
 
 def no_such_history_entry(n: int, count: int) -> str:
@@ -219,6 +258,14 @@ def done(m: Markup) -> str:
 
 NEW_SEED_LABEL = "🎲 New seed"
 SAME_SEED_LABEL = "🔁 Same seed"
+DELETE_LABEL = "🗑️ Delete"
+"""Discord's own button under a picture: its requester (or an admin) deletes the message."""
+
+
+def here_is_your_picture(who: str) -> str:
+    """Above a picture delivered as a new channel message (its interaction had expired). `who`: the requester, already
+    in the platform's markup (a Discord mention)."""
+    return f"{who} here is your picture:"
 
 
 def again_label(n: int) -> str:
@@ -303,6 +350,23 @@ def restarting(m: Markup) -> str:
     return m.escape("The bot is restarting. Your picture is kept and will be drawn when it is back.")
 
 
+CONSOLE_GREETING = "Type /draw <prompt> [seed] [steps], /help, or Ctrl-D to quit."
+
+
+def console_line_failed(error: str) -> str:
+    """A console line whose handling raised (`error`: the exception's type); the console goes on."""
+    return f"Sorry, something went wrong with that line ({error})."
+
+
+def console_picture_saved(path: str | None) -> str:
+    return f"🖼  picture saved: {path}"
+
+
+def console_buttons(buttons: list[tuple[str, str, str]]) -> str:
+    """The console's stand-in for buttons: each (label, action, job id) as the command that does the same."""
+    return "  " + "  ".join(f"[{label}: /{action} {job_id}]" for label, action, job_id in buttons)
+
+
 def console_stopping(m: Markup) -> str:
     return m.escape("Stopping: the picture being drawn is finished first; pictures still waiting stay queued for the "
                     "next start. Press Ctrl-C again to stop at once (the one being drawn stays queued too).")
@@ -365,6 +429,84 @@ def admin_queue(m: Markup, jobs: list[JobRecord], now: float, *, who: Callable[[
     if len(jobs) > QUEUE_SHOWN:
         lines.append(m.escape(f"… and {len(jobs) - QUEUE_SHOWN} more."))
     return "\n".join(lines)
+
+
+# -- the web page and the owner dashboard (bot/adapters/web/) -----------------------------------------------------------
+
+QUEUED = "Queued."
+"""The page's status while a picture waits before the core said more."""
+WEB_NO_PICTURES = "You have no pictures yet: describe one above and press Draw."
+WEB_SESSION_EXPIRED = "Your session has expired; reload the page."
+WEB_LOGIN_PAGE = "Log in with your name and the page's password."
+WEB_LOGIN_ADMIN = "The owner dashboard needs the admin password."
+WEB_WRONG_PASSWORD = "Wrong password."
+WEB_BAD_NAME = "Names are 1-32 letters, digits, dots, dashes or underscores."
+WEB_LOG_IN_FIRST = "Log in first."
+WEB_ADMINS_ONLY = "Admins only."
+WEB_DASHBOARD_OFF = "The owner dashboard is off: set DRAWBOT_WEB_ADMIN_PASSWORD or [web].admin_password_file."
+WEB_CROSS_SITE = "Cross-site request refused."
+WEB_NOT_FOUND = "Not found."
+WEB_NO_SUCH_PICTURE = "No such picture."
+DASHBOARD_ADMINS_ONLY = "The dashboard is for admins: log in with the admin password."
+DASHBOARD_NO_PICTURES = "No pictures yet."
+DASHBOARD_QUEUE_EMPTY = "(the queue is empty)"
+DASHBOARD_WHICH_JOB = "Paste a job id from the queue table."
+DASHBOARD_WHICH_USER = "Write the user as platform:id, as in the users table (e.g. telegram:12345)."
+
+
+def web_picture_ready(caption: str) -> str:
+    """A note on the page for a picture finished while no page followed it (picked up after a restart)."""
+    return f"Your picture “{caption.splitlines()[0][:80] if caption else ''}” is ready (see My pictures)."
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the owner dashboard shows of the engine (bot/adapters/web/dashboard.py gathers it)."""
+
+    model: str
+    test_model: bool
+    mode: str
+    device: str
+    torch_compile: str
+    running_job: str | None
+    waiting: str
+    seconds_per_step: float | None
+    peak_vram_bytes: float | None
+    bot_rss_bytes: float
+    host_available_bytes: float
+    host_total_bytes: float
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def dashboard_engine(state: EngineState) -> list[tuple[str, str]]:
+    return [
+        ("Model", state.model + (" (tiny test model)" if state.test_model else "")),
+        ("Mode", state.mode),
+        ("Device", state.device),
+        ("torch.compile (setting)", state.torch_compile),
+        ("Drawing now", state.running_job or "nothing"),
+        ("Waiting in the engine", state.waiting),
+        ("Last s/step", f"{state.seconds_per_step:.3f} s" if state.seconds_per_step else "-"),
+        ("Peak VRAM of the last job", gib(state.peak_vram_bytes) if state.peak_vram_bytes else "- (CPU, or no job yet)"),
+        ("Host RAM of the bot", f"{gib(state.bot_rss_bytes)} (machine: {gib(state.host_available_bytes)} free of "
+                                f"{gib(state.host_total_bytes)})"),
+    ]
+
+
+def dashboard_limits(limits: LimitSettings, *, min_steps: int, max_steps: int) -> list[tuple[str, str]]:
+    return [
+        ("Cooldown", f"{limits.cooldown_seconds:g} s"),
+        ("Per hour / per day", f"{limits.per_hour or 'no limit'} / {limits.per_day or 'no limit'}"),
+        ("Waiting or drawing per user", str(limits.max_active_per_user)),
+        ("Queue cap (everyone)", str(limits.queue_cap)),
+        ("Prompt", f"{limits.max_prompt_chars} characters, {limits.max_prompt_tokens} tokens"),
+        ("Steps", f"{min_steps}..{max_steps}"),
+        ("Admins (config)", ", ".join(limits.admins) or "-"),
+        ("Banned (config)", ", ".join(limits.banned) or "-"),
+    ]
 
 
 def relative_time(then: float, now: float | None = None) -> str:

@@ -12,8 +12,13 @@ import itertools
 import sys
 from typing import Protocol, TextIO
 
+from bot import replies
 from bot.chat import Button, PlainMarkup, Picture, User
 from bot.core import ChatCore
+
+
+def _buttons(buttons: list[Button]) -> str:
+    return replies.console_buttons([(b.label, b.action, b.job_id) for b in buttons])
 
 
 class ConsoleConversation:
@@ -35,16 +40,16 @@ class ConsoleConversation:
     async def send_text(self, text: str, *, buttons: list[Button] | None = None) -> str | None:
         self._print(text)
         if buttons:
-            self._print("  " + "  ".join(f"[{b.label}: /{b.action} {b.job_id}]" for b in buttons))
+            self._print(_buttons(buttons))
         return str(next(self._ids))
 
     async def edit_text(self, message_id: str, text: str) -> None:
         self._print(f"  {text}")
 
     async def send_picture(self, picture: Picture) -> str | None:
-        self._print(f"🖼  picture saved: {picture.path}")
+        self._print(replies.console_picture_saved(picture.path))
         self._print(picture.caption)
-        self._print("  " + "  ".join(f"[{b.label}: /{b.action} {b.job_id}]" for b in picture.buttons))
+        self._print(_buttons(picture.buttons))
         return str(next(self._ids))
 
     async def working(self) -> None:
@@ -84,7 +89,7 @@ class ConsolePlatform:
         loop = asyncio.get_running_loop()
         interactive = self._stdin.isatty()
         if interactive:
-            self._conv._print("Type /draw <prompt> [seed] [steps], /help, or Ctrl-D to quit.")
+            self._conv._print(replies.CONSOLE_GREETING)
         while True:
             line = await loop.run_in_executor(None, self._stdin.readline)
             if not line:
@@ -94,5 +99,5 @@ class ConsolePlatform:
                 try:
                     await self.core.on_text(self.user, self._conv, line)
                 except Exception as exc:  # never lose the console to one bad line
-                    self._conv._print(f"Sorry, something went wrong with that line ({type(exc).__name__}).")
+                    self._conv._print(replies.console_line_failed(type(exc).__name__))
         await self.core.drain()

@@ -69,13 +69,7 @@ MAX_PHOTO_RATIO = 20
 SEND_RETRIES = 3
 """Times a send is tried again after a 429, each after the `retry_after` Telegram asked for."""
 
-COMMANDS: list[tuple[str, str]] = [
-    ("draw", "Draw a picture: /draw a red fox in the snow"),
-    ("help", "How to use the bot, with examples"),
-    ("history", "Your last pictures, to draw one again"),
-    ("usage", "How many pictures you may still ask for"),
-    ("cancel", "Cancel your waiting or running pictures"),
-]
+COMMANDS: list[tuple[str, str]] = replies.menu(typed_options=False)
 """The command menu (setMyCommands). /start, /again and /reroll work too but need no menu entry."""
 HANDLED_COMMANDS = ["draw", "start", "help", "history", "usage", "cancel", "again", "reroll"]
 

@@ -15,6 +15,7 @@ from typing import Optional, Protocol
 import discord
 from discord import app_commands
 
+from bot import replies
 from bot.commands import SEED_MAX, SIZE_PRESETS
 
 MAX_STRING_OPTION = 6000  # Discord's max_length for a string option
@@ -80,15 +81,9 @@ def build_tree(client: discord.Client, handlers: CommandHandlers, settings: Comm
     Seed = app_commands.Range[int, 0, SEED_MAX]
     Steps = app_commands.Range[int, settings.min_steps, settings.max_steps]
 
-    @tree.command(name="draw", description="Draw a picture")
-    @app_commands.describe(
-        prompt="What to draw, in words",
-        seed="Same seed + same prompt = same picture (random if left out)",
-        steps=f"More steps: more detail, slower ({settings.min_steps}-{settings.max_steps}, "
-              f"default {settings.default_steps})",
-        size="Picture shape (default: square)",
-        png="Attach the picture as a plain file instead of showing it in the embed",
-    )
+    @tree.command(name="draw", description=replies.MENU["draw"])
+    @app_commands.describe(**replies.draw_option_descriptions(
+        min_steps=settings.min_steps, max_steps=settings.max_steps, default_steps=settings.default_steps))
     @app_commands.choices(size=_SIZE_CHOICES)
     async def draw(interaction: discord.Interaction, prompt: Prompt, seed: Optional[Seed] = None,
                    steps: Optional[Steps] = None, size: Optional[app_commands.Choice[str]] = None,
@@ -96,36 +91,36 @@ def build_tree(client: discord.Client, handlers: CommandHandlers, settings: Comm
         await handlers.draw(interaction, prompt=prompt, seed=seed, steps=steps,
                             size=None if size is None else size.value, as_file=bool(png))
 
-    @tree.command(name="history", description="Your last pictures, to draw one again")
+    @tree.command(name="history", description=replies.MENU["history"])
     async def history(interaction: discord.Interaction) -> None:
         await handlers.history(interaction)
 
-    @tree.command(name="usage", description="How many pictures you may still ask for")
+    @tree.command(name="usage", description=replies.MENU["usage"])
     async def usage(interaction: discord.Interaction) -> None:
         await handlers.usage(interaction)
 
-    @tree.command(name="cancel", description="Cancel your waiting or running pictures")
+    @tree.command(name="cancel", description=replies.MENU["cancel"])
     async def cancel(interaction: discord.Interaction) -> None:
         await handlers.cancel(interaction)
 
-    @tree.command(name="help", description="How to use this bot")
+    @tree.command(name="help", description=replies.MENU["help"])
     async def help(interaction: discord.Interaction) -> None:
         await handlers.help(interaction)
 
-    admin = app_commands.Group(name="drawbot-admin", description="Tools for the bot's admins",
+    admin = app_commands.Group(name="drawbot-admin", description=replies.ADMIN_MENU,
                                default_permissions=discord.Permissions(manage_guild=True))
 
-    @admin.command(name="queue", description="Every picture waiting or being drawn")
+    @admin.command(name="queue", description=replies.ADMIN_MENU_COMMANDS["queue"])
     async def queue(interaction: discord.Interaction) -> None:
         await handlers.admin_queue(interaction)
 
-    @admin.command(name="ban", description="Stop someone from drawing (until the bot restarts)")
-    @app_commands.describe(user="Who to ban")
+    @admin.command(name="ban", description=replies.ADMIN_MENU_COMMANDS["ban"])
+    @app_commands.describe(user=replies.ADMIN_MENU_USER["ban"])
     async def ban(interaction: discord.Interaction, user: discord.User) -> None:
         await handlers.admin_ban(interaction, user)
 
-    @admin.command(name="unban", description="Let a banned user draw again")
-    @app_commands.describe(user="Who to unban")
+    @admin.command(name="unban", description=replies.ADMIN_MENU_COMMANDS["unban"])
+    @app_commands.describe(user=replies.ADMIN_MENU_USER["unban"])
     async def unban(interaction: discord.Interaction, user: discord.User) -> None:
         await handlers.admin_unban(interaction, user)
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import discord
 
+from bot import replies
 from bot.adapters.discord.buttons import job_view
 from bot.adapters.discord.markup import NO_PINGS, DiscordMarkdown, only_user
 from bot.chat import Button, Picture
@@ -163,12 +164,12 @@ class DiscordConversation:
             self._frozen.add(message_id)
 
     async def send_picture(self, picture: Picture) -> str | None:
-        buttons = [*picture.buttons, Button("🗑️ Delete", "delete", picture.job_id)]
+        buttons = [*picture.buttons, Button(replies.DELETE_LABEL, "delete", picture.job_id)]
         requester = _user_id(picture.mention_user) or self._ref.requester_id
         return await self._send(
             lambda webhook: webhook.send(wait=True, allowed_mentions=NO_PINGS,
                                          **self._picture_message(picture, buttons)),
-            lambda channel: channel.send(f"<@{requester}> here is your picture:", allowed_mentions=only_user(requester),
+            lambda channel: channel.send(replies.here_is_your_picture(f"<@{requester}>"), allowed_mentions=only_user(requester),
                                          **self._picture_message(picture, buttons)))
 
     async def working(self) -> None:

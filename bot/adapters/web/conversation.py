@@ -13,6 +13,7 @@ import asyncio
 import itertools
 from collections import defaultdict, deque
 
+from bot import replies
 from bot.chat import Button, PlainMarkup, Picture
 
 
@@ -90,8 +91,7 @@ class WebConversation:
         if self.feed is not None:
             self.feed.show(picture)
         else:
-            self._inbox.add(self.user_id, f"Your picture “{picture.caption.splitlines()[0][:80]}” is ready "
-                                          "(see My pictures).")
+            self._inbox.add(self.user_id, replies.web_picture_ready(picture.caption))
         return str(next(self._ids))
 
     async def working(self) -> None:

@@ -22,49 +22,32 @@ from bot.core import ChatCore
 def _admin(request: gr.Request) -> User:
     user_id = getattr(request, "username", None) or ""
     if not user_id.startswith("@"):
-        raise gr.Error("The dashboard is for admins: log in with the admin password.")
+        raise gr.Error(replies.DASHBOARD_ADMINS_ONLY)
     return web_user(user_id)
 
 
-def _gib(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {html.escape(v)} |" for k, v in rows)])
 
 
 async def engine_state(core: ChatCore) -> str:
     info = core.engine.info if hasattr(core.engine, "info") else None
     settings = core.config.engine
     recent = [r for r in await core.store.recent_jobs(20) if r.seconds_per_step]
-    vram = core.metrics.registry.get_sample_value("drawbot_peak_vram_bytes")
-    rss = psutil.Process(os.getpid()).memory_info().rss
     host = psutil.virtual_memory()
-    rows = [
-        ("Model", f"{getattr(info, 'model_name', settings.model)}" + (" (tiny test model)" if core.is_test_model
-                                                                     else "")),
-        ("Mode", settings.mode),
-        ("Device", getattr(info, "device", settings.device)),
-        ("torch.compile (setting)", str(settings.torch_compile)),
-        ("Drawing now", getattr(info, "running_job", None) or "nothing"),
-        ("Waiting in the engine", str(getattr(info, "queue_length", "-"))),
-        ("Last s/step", f"{recent[0].seconds_per_step:.3f} s" if recent else "-"),
-        ("Peak VRAM of the last job", _gib(vram) if vram else "- (CPU, or no job yet)"),
-        ("Host RAM of the bot", f"{_gib(rss)} (machine: {_gib(host.available)} free of {_gib(host.total)})"),
-    ]
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {html.escape(str(v))} |" for k, v in rows)])
+    return _table(replies.dashboard_engine(replies.EngineState(
+        model=str(getattr(info, "model_name", settings.model)), test_model=core.is_test_model, mode=settings.mode,
+        device=str(getattr(info, "device", settings.device)), torch_compile=str(settings.torch_compile),
+        running_job=getattr(info, "running_job", None), waiting=str(getattr(info, "queue_length", "-")),
+        seconds_per_step=recent[0].seconds_per_step if recent else None,
+        peak_vram_bytes=core.metrics.registry.get_sample_value("drawbot_peak_vram_bytes"),
+        bot_rss_bytes=psutil.Process(os.getpid()).memory_info().rss, host_available_bytes=host.available,
+        host_total_bytes=host.total)))
 
 
 def limits_text(core: ChatCore) -> str:
-    lim = core.config.limits
-    rows = [
-        ("Cooldown", f"{lim.cooldown_seconds:g} s"),
-        ("Per hour / per day", f"{lim.per_hour or 'no limit'} / {lim.per_day or 'no limit'}"),
-        ("Waiting or drawing per user", str(lim.max_active_per_user)),
-        ("Queue cap (everyone)", str(lim.queue_cap)),
-        ("Prompt", f"{lim.max_prompt_chars} characters, {lim.max_prompt_tokens} tokens"),
-        ("Steps", f"{core.config.engine.min_steps}..{core.config.engine.max_steps}"),
-        ("Admins (config)", ", ".join(lim.admins) or "-"),
-        ("Banned (config)", ", ".join(lim.banned) or "-"),
-    ]
-    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {html.escape(v)} |" for k, v in rows)])
+    engine = core.config.engine
+    return _table(replies.dashboard_limits(core.config.limits, min_steps=engine.min_steps, max_steps=engine.max_steps))
 
 
 Rows = list[list[object]]
@@ -82,20 +65,20 @@ def build_dashboard(core: ChatCore) -> gr.Blocks:
                  for r in await store.active_jobs()]
         users: Rows = [[f"{u.platform}:{u.user_id}", u.last_day, u.total, u.active, "banned" if u.banned else "",
                   replies.relative_time(u.last_at, now)] for u in await store.user_overview()]
-        recent = gallery_html(await store.recent_jobs(12), empty="No pictures yet.", owner=True)
-        return (await engine_state(core), queue or [["", "", "", "(the queue is empty)", "", "", ""]], users,
+        recent = gallery_html(await store.recent_jobs(12), empty=replies.DASHBOARD_NO_PICTURES, owner=True)
+        return (await engine_state(core), queue or [["", "", "", replies.DASHBOARD_QUEUE_EMPTY, "", "", ""]], users,
                 recent, limits_text(core))
 
     async def cancel(job_id: str, request: gr.Request) -> str:
         job_id = (job_id or "").strip()
         if not job_id.isalnum():
-            return "Paste a job id from the queue table."
+            return replies.DASHBOARD_WHICH_JOB
         return replies.job_cancel(PlainMarkup(), await core.cancel_job(_admin(request), job_id), job_id)
 
     async def set_ban(target: str, request: gr.Request, lift: bool) -> str:
         platform, _, user_id = (target or "").strip().partition(":")
         if not platform or not user_id:
-            return "Write the user as platform:id, as in the users table (e.g. telegram:12345)."
+            return replies.DASHBOARD_WHICH_USER
         admin = _admin(request)
         return replies.ban_outcome(PlainMarkup(), await (core.unban if lift else core.ban)(admin, platform, user_id))
 

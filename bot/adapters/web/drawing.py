@@ -97,5 +97,5 @@ class WebDrawing:
                     job.status == "done" and job.delivered_at is not None):
                 yield Update(feed.latest, job, final=True)
                 return
-            yield Update(feed.latest or "Queued.", job)
+            yield Update(feed.latest or replies.QUEUED, job)
             await feed.wait(self._poll if time.monotonic() - started < 600 else 5 * self._poll)

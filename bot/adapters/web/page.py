@@ -56,7 +56,7 @@ def theme() -> gr.themes.Base:
 def _user(request: gr.Request) -> User:
     user_id = getattr(request, "username", None)
     if not user_id:
-        raise gr.Error("Your session has expired; reload the page.")
+        raise gr.Error(replies.WEB_SESSION_EXPIRED)
     return web_user(user_id)
 
 
@@ -70,7 +70,7 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
         jobs = await store.history("web", user.id, 24)
         notices = drawing.inbox.read(user.id)
         top = "".join(f'<p class="drawbot-notice">{html.escape(n)}</p>' for n in notices[-2:])
-        return top + gallery_html(jobs, empty="You have no pictures yet: describe one above and press Draw.")
+        return top + gallery_html(jobs, empty=replies.WEB_NO_PICTURES)
 
     def shown(update: Update) -> Shown:
         picture = picture_html(update.job, notice) if update.job is not None and update.final else gr.skip()
@@ -102,7 +102,7 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
         async for update in drawing.draw(_user(request), prompt, seed, steps, SIZES):
             last = update
         if last is None or last.job is None or last.job.status != "done" or last.job.image_path is None:
-            raise gr.Error(last.text if last else "Sorry, that did not work.")
+            raise gr.Error(last.text if last else replies.DID_NOT_WORK)
         folder = Path(tempfile.mkdtemp(dir=api_dir))
         target = folder / f"drawbot-{last.job.seed}-{last.job.id[:8]}.png"
         shutil.copyfile(last.job.image_path, target)  # Gradio copies it to its cache; this copy is then removed

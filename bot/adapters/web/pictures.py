@@ -27,7 +27,7 @@ def may_see(visitor: Visitor | None, job: JobRecord) -> bool:
 
 async def serve_picture(request: Request, store: Store, visitor: Visitor | None) -> Response:
     job_id = request.path_params.get("job_id", "")
-    not_found = Response("No such picture.", status_code=404, media_type="text/plain")
+    not_found = Response(replies.WEB_NO_SUCH_PICTURE, status_code=404, media_type="text/plain")
     if not JOB_ID.fullmatch(job_id):
         return not_found
     job = await store.get_job(job_id)

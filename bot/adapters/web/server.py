@@ -38,6 +38,7 @@ from starlette.requests import HTTPConnection, Request, cookie_parser
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bot import replies
 from bot.adapters.web.access import WebAccess
 from bot.adapters.web.conversation import Inbox, WebConversation
 from bot.adapters.web.sessions import COOKIE, LOGIN_NAME, MAX_AGE, Sessions, Visitor, load_key
@@ -79,11 +80,11 @@ class SessionLayer:
         origin = headers.get("origin")
         if origin and (scope["type"] == "websocket" or method not in SAFE_METHODS) and not _same_origin(
                 origin, headers.get("host")):
-            await self._refuse(scope, receive, send, PlainTextResponse("Cross-site request refused.", 403))
+            await self._refuse(scope, receive, send, PlainTextResponse(replies.WEB_CROSS_SITE, 403))
             return
         path = scope.get("path", "/")
         if "/file=http" in path:  # Gradio would fetch a URL for the caller; the page never needs it
-            await self._refuse(scope, receive, send, PlainTextResponse("Not found.", 404))
+            await self._refuse(scope, receive, send, PlainTextResponse(replies.WEB_NOT_FOUND, 404))
             return
         cookies = cookie_parser(headers.get("cookie", ""))
         visitor = self.sessions.read(cookies.get(COOKIE))
@@ -102,18 +103,17 @@ class SessionLayer:
         if path not in PUBLIC_PATHS:
             if visitor is None:
                 response = RedirectResponse(f"/login?next={path}", 303) if wants_page else PlainTextResponse(
-                    "Log in first.", 401)
+                    replies.WEB_LOG_IN_FIRST, 401)
                 await self._refuse(scope, receive, send, response)
                 return
             if path == "/admin" or path.startswith("/admin/"):
                 if self.access.admin_password is None:
                     await self._refuse(scope, receive, send, PlainTextResponse(
-                        "The owner dashboard is off: set DRAWBOT_WEB_ADMIN_PASSWORD or [web].admin_password_file.",
-                        404))
+                        replies.WEB_DASHBOARD_OFF, 404))
                     return
                 if not visitor.is_admin:
                     response = RedirectResponse("/login?next=/admin/", 303) if wants_page else PlainTextResponse(
-                        "Admins only.", 403)
+                        replies.WEB_ADMINS_ONLY, 403)
                     await self._refuse(scope, receive, send, response)
                     return
         if visitor is not None and visitor.is_admin:
@@ -188,8 +188,7 @@ class WebPlatform:
         self._api_dir = Path(tempfile.mkdtemp(prefix="drawbot-api-"))
 
         def login_page(error: str = "", next_path: str = "/", status: int = 200) -> HTMLResponse:
-            intro = ("Log in with your name and the page's password." if access.page_password else
-                     "The owner dashboard needs the admin password.")
+            intro = replies.WEB_LOGIN_PAGE if access.page_password else replies.WEB_LOGIN_ADMIN
             return HTMLResponse(LOGIN_PAGE.format(intro=intro, error=html.escape(error), next=html.escape(next_path)),
                                 status_code=status)
 
@@ -214,8 +213,7 @@ class WebPlatform:
                 user_id = name
             if user_id is None or not LOGIN_NAME.fullmatch(user_id.lstrip("@")):
                 await asyncio.sleep(0.5)  # slows guessing
-                error = ("Wrong password." if user_id is None else
-                         "Names are 1-32 letters, digits, dots, dashes or underscores.")
+                error = replies.WEB_WRONG_PASSWORD if user_id is None else replies.WEB_BAD_NAME
                 return login_page(error, next_path, 401) if browser else JSONResponse({"error": error}, 401)
             value, visitor = sessions.issue(user_id)
             log.info("web login user=%s admin=%s", visitor.user_id, visitor.is_admin)
