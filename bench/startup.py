@@ -1,12 +1,16 @@
 """The engine as `drawbot run` starts it, on the full-size random-weight files (write them first with
 `python -m bench.weights --models-dir DIR`): the default config (mode "stream", torch_compile "auto") on an emulated
-card, then the pictures a bot meets in turn: the default size, the same again, two new aspect ratios, a small one.
+card, then two pictures at each of several sizes (the default first, then other aspect ratios, a small one and the
+largest the card affords): the first picture of a size against the second (steady) one shows whether a user waits
+for a compile after the bot is ready (issue 13: first <= 1.2 x steady).
 
-Prints one line per event: load (DiffSynth + packing + calibration, which compiles), each picture's time and
-s/step, whether the DiT blocks are compiled, the process's RSS now and at its peak, pinned host memory and the
-device-wide NVML peak. Everything runs through `engine.worker.Engine`, in its GPU thread, as in the bot. Not a test and not side by side: `bench.full_size` is the comparison.
+Prints one JSON line per event: start-up with its parts (load, packing, calibration + compile), each picture's time,
+s/step and the graphs torch.compile made during it, the process's RSS now and at its peak, pinned host memory and
+the device-wide NVML peak; then a table per size. Everything runs through `engine.worker.Engine`, in its GPU
+thread, as in the bot. Not a test and not side by side: `bench.full_size` is the comparison.
 
     python -m bench.startup --models-dir /tmp/fs --budget 8
+    python -m bench.startup --tiny --compile aot_eager    # the CPU: checks the script (and Dynamo), not speed
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ import asyncio
 import json
 import logging
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 from bench import measure
 from bench.measure import GIB
 
-SIZES = ((1024, 1024), (1024, 1024), (1344, 768), (832, 1216), (512, 512))
+SIZES = ((1024, 1024), (1344, 768), (832, 1216), (512, 512), (2048, 512), (768, 1344))
+"""Each drawn twice (first, steady), in this order, then the largest square the card affords (at most 2048²)."""
+TINY_SIZES = ((64, 64), (96, 64), (64, 256), (512, 64))
+RATIO_TARGET = 1.2
 
 
 def peak_rss_gib() -> float:
@@ -47,24 +55,63 @@ def memory_breakdown() -> dict:
     return values
 
 
+def sequence(sizes, largest: tuple[int, int] | None, pictures: int) -> list[tuple[int, int]]:
+    """Every size twice in a row (first, steady), the largest affordable square last; the first `pictures`."""
+    order = [*sizes, *([largest] if largest is not None and largest not in sizes else [])]
+    return [size for size in order for _ in range(2)][:pictures]
+
+
+def size_table(pictures: list[dict]) -> str:
+    """Per size: the first picture's time, the steady (second) one's, their ratio, and graphs compiled at the first."""
+    rows = ["| size | first s | steady s | first / steady | graphs compiled at the first |",
+            "|---|---|---|---|---|"]
+    for size in dict.fromkeys(p["size"] for p in pictures):
+        first, *rest = [p for p in pictures if p["size"] == size]
+        steady = rest[0]["seconds"] if rest else None
+        ratio = f"{first['seconds'] / steady:.2f}" if steady else "-"
+        if steady and first["seconds"] / steady > RATIO_TARGET:
+            ratio += f" (> {RATIO_TARGET})"
+        rows.append(f"| {size} | {first['seconds']:.2f} | {'-' if steady is None else f'{steady:.2f}'} | {ratio} | "
+                    f"{first['new_graphs']} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models-dir", type=Path, required=True)
+    parser.add_argument("--models-dir", type=Path, default=None, help="required unless --tiny")
     parser.add_argument("--budget", type=float, default=8.0, help="emulated card, GiB (engine.vram_budget_gb)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--host-ram-budget", default="auto",
                         help="engine.host_ram_budget_gb: 'auto' or GiB (below ~17.7 the weights are file-backed)")
     parser.add_argument("--weight-cache-dir", type=Path, default=None)
-    parser.add_argument("--pictures", type=int, default=len(SIZES), help="how many of the sizes to draw, in order")
+    parser.add_argument("--pictures", type=int, default=1000, help="how many pictures of the sequence to draw")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="force torch.compile with this backend (eager, aot_eager, inductor) instead of the "
+                             "config's 'auto' (which stays eager on a CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
+    if args.models_dir is None and not args.tiny:
+        parser.error("--models-dir is required (or --tiny)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    from engine import streaming as streaming_module
     from engine.jobs import GenerationRequest
     from engine.pipeline import FluxPipeline
     from engine.settings import EngineSettings
+    from engine.size_cost import largest_like
+    from engine.streaming import compiled_graphs
     from engine.worker import Engine
+
+    if args.compile:
+        enable = streaming_module.enable_streaming
+
+        def forced(pipe, **kwargs):
+            return enable(pipe, **{**kwargs, "torch_compile": True, "compile_backend": args.compile})
+
+        streaming_module.enable_streaming = forced  # FluxPipeline.load looks it up at each call
+    # The tiny model is written on first use (engine.pipeline.locate_model).
+    models_dir = args.models_dir or Path(tempfile.mkdtemp(prefix="drawbot-bench-"))
 
     events: list[dict] = []
 
@@ -80,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         pipelines: list = []
         tiny = dict(model="tiny", device="cpu", width=64, height=64) if args.tiny else {}
         budget = args.host_ram_budget if args.host_ram_budget == "auto" else float(args.host_ram_budget)
-        settings = EngineSettings(models_dir=args.models_dir, vram_budget_gb=args.budget, host_ram_budget_gb=budget,
+        settings = EngineSettings(models_dir=models_dir, vram_budget_gb=args.budget, host_ram_budget_gb=budget,
                                   weight_cache_dir=args.weight_cache_dir, **tiny)
 
         def load():
@@ -90,21 +137,38 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(load)
         started = time.perf_counter()
         await engine.start()
-        streaming = pipelines[0].streaming
+        pipeline = pipelines[0]
+        streaming = pipeline.streaming
+        startup = pipeline.startup
         report("loaded", seconds=time.perf_counter() - started, compiled=streaming.torch_compiled,
+               startup=engine.startup_line(), load_s=startup.load, packing_s=startup.packing,
+               calibration_s=startup.calibration, warmup_s=startup.warmup, graphs=compiled_graphs(),
                pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB,
                host_weights_gib=streaming.host_bytes / GIB, resident_units=len(streaming.dit.resident),
                file_backed=streaming.dit.file_backed, cache_built=streaming.weight_cache_built,
                dit_streamed_gib=streaming.dit.streamed_bytes / GIB,
                dit_from_disk_gib=streaming.dit.dropped_bytes / GIB)
+        cost = engine.size_cost
+        side = 512 if args.tiny else 2048
+        affordable = cost is None or cost.largest_pixels >= side * side
+        largest = (side, side) if affordable else largest_like(side, side, cost.largest_pixels)
+        seen: set[tuple[int, int]] = set()
         try:
-            for number, (width, height) in enumerate(SIZES[:args.pictures] if not args.tiny else [(64, 64), (96, 64)]):
+            for number, (width, height) in enumerate(sequence(TINY_SIZES if args.tiny else SIZES, largest,
+                                                              args.pictures)):
                 request = GenerationRequest(f"a lighthouse at dusk, picture {number}", 7, args.steps, width, height)
+                refusal = engine.check(request)
+                if refusal is not None:
+                    report("refused", size=f"{width}x{height}", why=refusal.message)
+                    continue
+                graphs = compiled_graphs()
                 started = time.perf_counter()
                 result = await engine.submit(request).wait()
-                report("picture", size=f"{width}x{height}", seconds=time.perf_counter() - started,
-                       s_per_step=result.seconds_per_step, compiled=streaming.torch_compiled,
+                report("picture", size=f"{width}x{height}", first=(width, height) not in seen,
+                       seconds=time.perf_counter() - started, s_per_step=result.seconds_per_step,
+                       new_graphs=compiled_graphs() - graphs, compiled=streaming.torch_compiled,
                        pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB)
+                seen.add((width, height))
         finally:
             await engine.close()
 
@@ -112,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         card = measure.emulate_card(args.budget)
         report("start", card=card)
         asyncio.run(serve())
+    loaded = next(e for e in events if e["event"] == "loaded")
+    print(f"\nstart-up {loaded['startup']} (compiled: {loaded['compiled']}, {loaded['graphs']} graphs)")
+    print(size_table([e for e in events if e["event"] == "picture"]))
     if args.out:
         Path(args.out).write_text(json.dumps(events, indent=1, default=str))
     return 0

@@ -106,4 +106,7 @@ async def _load_local(settings: EngineSettings, say: Callable[[str], object]) ->
         await engine.close(timeout=0)
         raise EngineSetupError(f"cannot load the model: {type(exc).__name__}: {exc}\n"
                                "  `drawbot doctor` checks what the bot needs.") from None
+    startup = engine.startup_line()
+    if startup:
+        say(f"model {startup}")
     return engine

@@ -87,6 +87,31 @@ def plan_memory(settings: EngineSettings, device: str) -> MemoryPlan:
     return MemoryPlan(dit, others, vram_limit=limit, tiled_vae=settings.vram_budget_gb < 16)
 
 
+@dataclass(frozen=True)
+class StartupTimes:
+    """Where the engine's start-up went, in seconds; `describe()` is the line the owner sees."""
+
+    total: float
+    load: float
+    """Model files read (DiffSynth's loading; in stream mode only CLIP and the VAE, the rest is `packing`)."""
+    packing: float = 0.0
+    """Stream mode: DiT and T5 read into host memory or the weight cache, unit by unit."""
+    calibration: float = 0.0
+    """Stream mode: the 1-step generation at the default size (residency plan; the exact-shape compile)."""
+    warmup: float = 0.0
+    """The 1-step generation at a second size that compiles the shape-generic graph (torch.compile only)."""
+    compiled: bool = False
+
+    def describe(self) -> str:
+        parts = [f"load {self.load:.1f} s"]
+        if self.packing:
+            parts.append(f"weights packed {self.packing:.1f} s")
+        if self.calibration or self.warmup:
+            parts.append(f"calibration + compile {self.calibration + self.warmup:.1f} s" if self.compiled
+                         else f"calibration {self.calibration + self.warmup:.1f} s")
+        return f"ready in {self.total:.1f} s: " + ", ".join(parts)
+
+
 class FluxPipeline:
     """A loaded Flux pipeline. Models stay loaded between jobs; only the engine's GPU thread calls `generate`."""
 
@@ -101,6 +126,8 @@ class FluxPipeline:
         self.streaming: PipelineStreaming | None = None  # in `stream` mode
         self.size_cost: SizeCost | None = None
         """What a picture size costs on this device and the budget for it (engine.size_cost); None = no limit known."""
+        self.startup: StartupTimes | None = None
+        """Set by `load`."""
         self._version = _drawbot_version()
 
     @classmethod
@@ -125,8 +152,9 @@ class FluxPipeline:
             else:
                 pipe = _from_pretrained(files, plan, device)
         log.debug("diffsynth said:\n%s", chatter.getvalue())
-        log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device,
-                 time.monotonic() - started, settings.mode, plan.vram_limit)
+        loaded = time.monotonic() - started
+        log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device, loaded,
+                 settings.mode, plan.vram_limit)
         pipeline = cls(pipe, settings, model_name=model_name, device=device,
                        is_test_model=settings.model == "tiny", plan=plan)
         if settings.mode == "stream":
@@ -151,6 +179,13 @@ class FluxPipeline:
                 log.warning("the default size %dx%d does not fit this %s's memory (largest about %dx%d): /draw "
                             "without a size will be refused; lower [engine] width and height", settings.width,
                             settings.height, device, side, side)
+        streaming = pipeline.streaming
+        seconds = streaming.startup_seconds if streaming is not None else None
+        pipeline.startup = StartupTimes(
+            total=time.monotonic() - started, load=loaded,
+            packing=seconds.packing if seconds else 0.0, calibration=seconds.calibration if seconds else 0.0,
+            warmup=seconds.warmup if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled))
+        log.info("engine %s", pipeline.startup.describe())
         return pipeline
 
     def generate(self, request: GenerationRequest, on_step: StepCallback) -> GenerationResult:
@@ -185,6 +220,7 @@ class FluxPipeline:
         cuda = self.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        graphs = self._compiled_graphs()
         started = time.monotonic()
         try:
             image = draw()
@@ -199,6 +235,11 @@ class FluxPipeline:
             step_times.clear()
             image = draw()
         seconds = time.monotonic() - started
+        compiled = self._compiled_graphs() - graphs
+        if compiled > 0:  # start-up compiles the graphs every allowed size uses (engine.streaming.enable_streaming)
+            log.warning("the %dx%d picture waited for torch.compile (%d new graphs, %.1f s in all); start-up was "
+                        "meant to compile every size's graph: please report this", request.width, request.height,
+                        compiled, seconds)
         parameters = a1111_parameters(request, model_name=self.model_name, guidance=self.settings.guidance,
                                       version=self._version)
         return GenerationResult(
@@ -210,6 +251,13 @@ class FluxPipeline:
             model_name=self.model_name,
             test_model=self.is_test_model,
         )
+
+    def _compiled_graphs(self) -> int:
+        if self.streaming is None or not self.streaming.torch_compiled:
+            return 0
+        from engine.streaming import compiled_graphs
+
+        return compiled_graphs()
 
     def recover_from_oom(self) -> None:
         """After an out-of-memory error: drop whatever the failed run left on the GPU so the next job starts clean."""

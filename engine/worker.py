@@ -136,6 +136,11 @@ class Engine:
     def size_cost(self) -> SizeCost | None:
         return getattr(self._pipeline, "size_cost", None)
 
+    def startup_line(self) -> str | None:
+        """Where the start-up time went ("ready in 26.4 s: load 9.8 s, ..."), once loaded; None if not known."""
+        startup = getattr(self._pipeline, "startup", None)
+        return startup.describe() if startup is not None else None
+
     @property
     def capacity(self) -> int:
         """How many more jobs `submit` takes now (0 while loading or closed). A feeder hands over no more than this."""

@@ -51,7 +51,8 @@ from engine.streaming.host_memory import (LOAD_MAPPED_PARAMS, LOAD_TRIM_INTERVAL
 from engine.streaming.kernels import (FP8_MAX, FP8_MIN_ROWS, FP8_SCALE_FLOOR, Upcaster,  # noqa: E402
                                       dequantize_rows, fp8_codes_to_bf16_bits, quantize_rows)
 from engine.streaming.patches import Patches  # noqa: E402
-from engine.streaming.pipeline import PipelineStreaming, enable_streaming, is_compile_failure  # noqa: E402
+from engine.streaming.pipeline import (PipelineStreaming, StartupSeconds, compiled_graphs,  # noqa: E402
+                                       enable_streaming, is_compile_failure)
 from engine.streaming.planning import (DECODE_TILES, DEFAULT_MARGIN_GB, DevicePeak, MemoryReport,  # noqa: E402
                                        choose_resident)
 from engine.streaming.prompt_cache import PromptCache, install_prompt_cache  # noqa: E402
@@ -60,7 +61,7 @@ from engine.streaming.streamer import ALIGNMENT, DEFAULT_SLOTS, ModelStreamer, S
 __all__ = [
     "ALIGNMENT", "DECODE_TILES", "DEFAULT_MARGIN_GB", "DEFAULT_SLOTS", "FP8_MAX", "FP8_MIN_ROWS", "FP8_SCALE_FLOOR",
     "LOAD_MAPPED_PARAMS", "LOAD_TRIM_INTERVAL_S", "PAGE", "DevicePeak", "Float8Linears", "HostMemory", "MemoryReport",
-    "ModelStreamer", "Patches", "PipelineStreaming", "PromptCache", "SlotPool", "Upcaster", "choose_resident",
-    "dequantize_rows", "enable_streaming", "fp8_codes_to_bf16_bits", "fp8_unsupported_reason", "frugal_loading",
+    "ModelStreamer", "Patches", "PipelineStreaming", "PromptCache", "SlotPool", "StartupSeconds", "Upcaster",
+    "choose_resident", "compiled_graphs", "dequantize_rows", "enable_streaming", "fp8_codes_to_bf16_bits", "fp8_unsupported_reason", "frugal_loading",
     "install_prompt_cache", "is_compile_failure", "page_align", "quantize_rows", "return_freed_host_memory",
 ]

@@ -8,6 +8,7 @@ import functools
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -29,14 +30,38 @@ GIB = 1024**3
 
 def is_compile_failure(exc: BaseException) -> bool:
     """Whether an exception from a generation came from torch.compile failing (Dynamo or Inductor, e.g. no C
-    compiler, a Triton bug) rather than from running the model (out of memory, a cancelled job)."""
+    compiler, a Triton bug, the recompile limit: see `set_torch_compile`) rather than from running the model (out of
+    memory, a cancelled job)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return False
     try:
-        from torch._dynamo.exc import TorchDynamoException
+        from torch._dynamo import exc as dynamo_errors
     except ImportError:  # a torch without Dynamo cannot have compiled anything
         return False
-    return isinstance(exc, TorchDynamoException)
+    limit_hit = getattr(dynamo_errors, "FailOnRecompileLimitHit", None)  # not a TorchDynamoException
+    return isinstance(exc, dynamo_errors.TorchDynamoException) or (limit_hit is not None and isinstance(exc, limit_hit))
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process so far (Dynamo's own counter): a picture that
+    raises it waited for a compile."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class StartupSeconds:
+    """Where `enable_streaming`'s start-up time went."""
+
+    packing: float = 0.0
+    """Weights read and packed into host memory (or the weight cache) per unit."""
+    calibration: float = 0.0
+    """The first 1-step generation at the default size: residency plan on a GPU, exact-shape graphs when compiled."""
+    warmup: float = 0.0
+    """The 1-step generation at a second size that compiles the shape-generic graphs (0 when not compiled)."""
 
 
 def _t5_units(t5: Any) -> list[torch.nn.Module]:
@@ -57,6 +82,13 @@ def _close(sources: dict[str, SourceWeights], name: str) -> None:
     if source is not None:
         log.info("%s packed from its files: %.2f GiB read", name, source.bytes_read / GIB)
         source.close()
+
+
+def _fail_at_recompile_limit() -> None:
+    from torch._dynamo import config
+
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
 
 
 class PipelineStreaming:
@@ -90,6 +122,7 @@ class PipelineStreaming:
         """Weight cache files this start-up built (not reused): [] when every one was reused, or pinned."""
         self.float8 = Float8Linears(patches=self.patches)
         self._compiled = False
+        self.startup_seconds = StartupSeconds()
         self.report: MemoryReport | None = None
         self.decode_tiles: tuple[int, int] | None = None
         """Set by the plan when the budget needs a tiled VAE decode: (tile, stride) in latent pixels."""
@@ -173,7 +206,8 @@ class PipelineStreaming:
         16 cores; `enable_streaming` does it at start-up and falls back to eager blocks when it fails). The first
         size gets graphs for its exact shapes; the first *other* size compiles once more, with the token count
         symbolic, and every later size reuses that (torch.compile's automatic dynamic shapes), so a bot whose users
-        pick any aspect ratio compiles twice, not once per size. Returns whether the blocks are compiled."""
+        pick any aspect ratio compiles twice, not once per size; `enable_streaming` does both before the bot is
+        ready. Returns whether the blocks are compiled."""
         blocks = [*self.pipe.dit.blocks, *self.pipe.dit.single_blocks]
         self.patches.undo("compile")
         self._compiled = False
@@ -185,6 +219,11 @@ class PipelineStreaming:
                     for cls in {type(block) for block in blocks}}
         for block in blocks:
             self.patches.set(block, "forward", functools.partial(compiled[type(block)], block), group="compile")
+        # The allowed sizes need a few graphs per block class (tests/engine/test_streaming.py counts them), far under
+        # Dynamo's recompile limit. Should a guard still make it recompile per size until that limit, it would run
+        # those blocks eagerly without a word; this makes it raise instead, and the caller's compile-failure path
+        # says so and runs every block eagerly.
+        _fail_at_recompile_limit()
         # Inside compiled code, torch ops that Inductor fuses into its kernels beat our standalone Triton passes.
         self.float8.triton = self.dit.upcaster.triton = False
         self._compiled = True
@@ -281,7 +320,10 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
     everything is streamed (the tests exercise the full streaming path that way). That first generation also
     compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone."""
+    started = time.monotonic()
     streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache, sources=sources)
+    seconds = streaming.startup_seconds
+    seconds.packing = time.monotonic() - started
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":
@@ -304,14 +346,18 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
              progress_bar_cmd=lambda steps: steps)
 
     def first_generation() -> None:
+        started = time.monotonic()
         if torch.device(device).type == "cuda":
             streaming.plan(budget_gb, calibrate, width=width, height=height, margin_gb=margin_gb)
+            seconds.calibration += time.monotonic() - started
         elif streaming.torch_compiled:
             calibrate()  # compile now, where a failure can still fall back
+            seconds.calibration += time.monotonic() - started
         if streaming.torch_compiled and compile_other_size:
+            started = time.monotonic()
             other_size()
+            seconds.warmup += time.monotonic() - started
 
-    started = time.monotonic()
     try:
         first_generation()
     except Exception as exc:
@@ -320,7 +366,7 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         streaming.stop_compiling(exc, "at start-up")
         first_generation()
     if streaming.torch_compiled:
-        log.info("DiT blocks compiled (torch.compile) at start-up, exact and shape-generic graphs: %.1f s",
-                 time.monotonic() - started)
+        log.info("DiT blocks compiled (torch.compile) at start-up, exact and shape-generic graphs: %.1f s "
+                 "(%d graphs)", seconds.calibration + seconds.warmup, compiled_graphs())
     install_prompt_cache(pipe, patches=streaming.patches)
     return streaming

@@ -25,9 +25,11 @@ def test_an_explicit_model_is_never_replaced(tmp_path):
 
 async def test_start_engine_loads_the_local_engine_even_with_a_cluster_when_told_not_to(tiny_settings):
     config = Config(engine=tiny_settings, cluster=ClusterSettings(enabled=True))
-    engine = await start_engine(config, tiny_settings, say=lambda _: None, cluster=False)
+    said: list[str] = []
+    engine = await start_engine(config, tiny_settings, say=said.append, cluster=False)
     try:
         assert engine.info.is_test_model
+        assert said[-1].startswith("model ready in ") and ": load " in said[-1]  # the owner sees the start-up time
     finally:
         await engine.close()
 

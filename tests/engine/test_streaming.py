@@ -459,42 +459,127 @@ def test_a_compile_failure_at_a_new_size_draws_that_picture_eagerly(stream_setti
         torch._dynamo.reset()
 
 
-def test_no_picture_of_a_new_size_waits_for_a_compile_after_start_up(stream_settings, monkeypatch):
-    """Start-up compiles the exact graph (first size) and the shape-generic one (a second size); pictures at any
-    other size afterwards reuse the shape-generic graph: the compiler backend is not called again."""
+SIZES_AFTER_READY = ((64, 64), (256, 256), (64, 256), (256, 64), (2048, 64), (64, 2048), (512, 512), (208, 144))
+"""The default size, the smallest sides (`drawbot draw`: 64; chat: 256), 1:4 and 4:1 (chat's ratio limits), the
+longest side 2048 at 1:32 (`--size` takes any sides from 64 or 256 to 2048), a larger square and an odd one."""
+
+
+async def test_no_picture_waits_for_a_compile_once_the_engine_is_ready(stream_settings, monkeypatch, caplog):
+    """The engine as the bot starts it (engine.worker.Engine loads FluxPipeline in its GPU thread) with the DiT blocks
+    compiled, through the "aot_eager" backend: Dynamo's guards and AOTAutograd's tracing as Inductor gets them,
+    without Inductor's minutes of C++ on a CPU. Start-up compiles the exact graphs (default size) and the
+    shape-generic ones (a second size); afterwards no picture of any allowed size compiles (Dynamo's own graph
+    counter), and each block class holds a few graphs, far under Dynamo's recompile limit. The start-up time is
+    reported with its parts."""
+    import torch._dynamo
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from engine import streaming as module
+    from engine.pipeline import FluxPipeline
+    from engine.streaming import compiled_graphs
+    from engine.streaming.pipeline import second_size
+    from engine.worker import Engine
+
+    assert second_size(1024, 1024) == (512, 512) and second_size(64, 64) == (80, 64)
+    torch._dynamo.reset()
+    real = module.enable_streaming
+    monkeypatch.setattr(module, "enable_streaming",
+                        lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": "aot_eager"}))
+    pipelines: list[FluxPipeline] = []
+
+    def load() -> FluxPipeline:
+        pipelines.append(FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True})))
+        return pipelines[0]
+
+    engine = Engine(load)
+    try:
+        with caplog.at_level("INFO", logger="engine"):
+            await engine.start()
+        streaming = pipelines[0].streaming
+        assert streaming.torch_compiled
+        ready = compiled_graphs()
+        assert ready >= 4  # 2 block classes x (exact, shape-generic)
+        for width, height in SIZES_AFTER_READY:
+            assert engine.check(GenerationRequest("a fox", 3, 1, width, height)) is None  # an allowed size
+            with caplog.at_level("WARNING", logger="engine"):
+                await engine.submit(GenerationRequest(f"a fox at {width}x{height}", 3, 1, width, height)).wait()
+            assert compiled_graphs() == ready, f"{width}x{height} compiled again"
+        assert "waited for torch.compile" not in caplog.text
+        limit = torch._dynamo.config.recompile_limit
+        dit = pipelines[0].pipe.dit
+        for block in (type(dit.blocks[0]), type(dit.single_blocks[0])):
+            graphs = len(_debug_get_cache_entry_list(block.forward.__code__))
+            assert 2 <= graphs <= limit // 2, (block.__name__, graphs, limit)
+        line = engine.startup_line()
+        assert line is not None and line.startswith("ready in ") and "calibration + compile" in line
+        assert f"engine {line}" in caplog.text
+        seconds = streaming.startup_seconds
+        assert seconds.calibration > 0 and seconds.warmup > 0 and seconds.packing > 0
+    finally:
+        await engine.close(timeout=30)
+        if pipelines:
+            pipelines[0].streaming.set_torch_compile(False)
+        torch._dynamo.reset()
+
+
+def test_a_picture_that_compiles_after_start_up_is_reported(stream_settings, monkeypatch, caplog):
+    """Without the start-up warm-up at a second size the first picture of another size compiles (this is what
+    start-up prevents); when that happens anyway the owner's log says so, with the size."""
     import torch._dynamo
 
     from engine import streaming as module
     from engine.pipeline import FluxPipeline
-    from engine.streaming.pipeline import second_size
+    from engine.streaming import compiled_graphs
 
-    assert second_size(1024, 1024) == (512, 512) and second_size(64, 64) == (80, 64)
     torch._dynamo.reset()
-    compiles: list[int] = []
-
-    def backend(graph, example_inputs):
-        compiles.append(1)
-        return graph.forward
-
     real = module.enable_streaming
-    monkeypatch.setattr(module, "enable_streaming", lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": backend}))
+    monkeypatch.setattr(module, "enable_streaming", lambda pipe, **kw: real(
+        pipe, **{**kw, "compile_backend": "eager", "compile_other_size": False}))
     pipeline = FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True}))
     try:
-        at_start = len(compiles)
-        assert pipeline.streaming.torch_compiled and at_start >= 4  # 2 block classes x (exact, shape-generic)
-        for width, height in ((64, 64), (96, 64), (64, 128), (144, 80)):
-            pipeline.generate(GenerationRequest(f"a fox at {width}x{height}", 3, 2, width, height), lambda d, t: None)
-        assert len(compiles) == at_start
+        ready = compiled_graphs()
+        with caplog.at_level("WARNING", logger="engine"):
+            pipeline.generate(GenerationRequest("a fox, default size", 3, 1, 64, 64), lambda d, t: None)
+            assert compiled_graphs() == ready and "torch.compile" not in caplog.text
+            pipeline.generate(GenerationRequest("a fox, another size", 3, 1, 96, 64), lambda d, t: None)
+        assert compiled_graphs() > ready
+        assert "the 96x64 picture waited for torch.compile" in caplog.text
+    finally:
+        pipeline.streaming.set_torch_compile(False)
+        torch._dynamo.reset()
+
+
+def test_hitting_the_recompile_limit_is_said_and_runs_the_blocks_eagerly(stream_settings, monkeypatch, caplog):
+    """Dynamo, at its recompile limit, would run a block eagerly from then on without a word: here the limit is
+    lowered under what start-up needs, and the engine says so and runs every block eagerly instead."""
+    import torch._dynamo
+
+    from engine import streaming as module
+    from engine.pipeline import FluxPipeline
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    real = module.enable_streaming
+    monkeypatch.setattr(module, "enable_streaming",
+                        lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": "eager"}))
+    with caplog.at_level("WARNING", logger="engine.streaming"):
+        pipeline = FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True}))
+    try:
+        assert "FailOnRecompileLimitHit" in caplog.text and "eagerly" in caplog.text
+        assert not pipeline.streaming.torch_compiled
+        result = pipeline.generate(GenerationRequest("a fox after the limit", 3, 1, 96, 64), lambda d, t: None)
+        assert result.png
     finally:
         pipeline.streaming.set_torch_compile(False)
         torch._dynamo.reset()
 
 
 def test_only_compile_failures_count_as_compile_failures():
-    from torch._dynamo.exc import TorchDynamoException
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
     from engine.streaming import is_compile_failure
 
     assert not is_compile_failure(torch.OutOfMemoryError("CUDA out of memory (injected)"))
     assert not is_compile_failure(RuntimeError("cancelled"))
     assert is_compile_failure(TorchDynamoException("no C compiler"))  # Dynamo's and Inductor's errors derive from it
+    assert is_compile_failure(FailOnRecompileLimitHit("recompile limit (injected)"))  # not a TorchDynamoException
