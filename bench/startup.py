@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-ram-budget", default="auto",
                         help="engine.host_ram_budget_gb: 'auto' or GiB (below ~17.7 the weights are file-backed)")
     parser.add_argument("--weight-cache-dir", type=Path, default=None)
-    parser.add_argument("--pictures", type=int, default=1000, help="how many pictures of the sequence to draw")
+    parser.add_argument("--pictures", type=int, default=5,
+                        help="how many pictures of the sequence to draw (every size twice: 14 for all)")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="force torch.compile with this backend (eager, aot_eager, inductor) instead of the "
                              "config's 'auto' (which stays eager on a CPU)")
