@@ -7,7 +7,9 @@
 #                            cgroup with a warm, then a dropped page cache
 #   bash bench/lowram.sh b   (a fresh machine) the files again; the pinned engine (no limit, every size); the
 #                            file-backed engine at 8 GB in 10 GiB (warm, cold) and at 12 GB in an 8 GiB cgroup
-#   bash bench/lowram.sh c   the first build from a bf16 DiT file (10 GiB cgroup), after a or b
+#   bash bench/lowram.sh c   the first build from a bf16 DiT file (10 GiB cgroup), after a, b or e
+#   bash bench/lowram.sh e   (a fresh machine) the files again; every size twice on the pinned engine from an empty
+#                            compile cache; the file-backed engine in 10 GiB from a dropped page cache
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
 # loading included), memory.peak and OOM kills. JSON to $OUT; `python -m bench.lowram_report $OUT` prints the table.
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -62,6 +64,21 @@ elif [ "$1" = b ]; then  # on a fresh machine: the files again, then the pinned 
   cat $WC/*.weights > /dev/null
   log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 python3 -m bench.startup --models-dir $FS --budget 12 \
     --pictures 1 --weight-cache-dir $WC --out $OUT/file12_warm.json
+elif [ "$1" = e ]; then  # a fresh machine: the files; every size twice on the pinned engine from an empty compile
+  # cache (a first start); then the file-backed engine in 10 GiB from a dropped page cache, the compile cache now
+  # warm (every later start: the unit keeps it in /var/cache/drawbot)
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
+  rm -rf $TORCHINDUCTOR_CACHE_DIR $TRITON_CACHE_DIR
+  build
+  cat $WC/dit.weights > /dev/null
+  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  python3 -m bench.read_rate $WC/dit.weights --label cold --gib 4 | tee $OUT/read_cold.json
+  log pinned-sizes; TORCH_LOGS=recompiles timeout 270 $S --host-ram-budget 64 --pictures 14 --out $OUT/pinned8.json \
+    2>&1 | grep -E '^\{|^\||compiled|ready|ecompil|start-up' | tee $OUT/pinned.log
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures 2 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
 elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed engine from a dropped page cache
   build
   sync; echo 3 > /proc/sys/vm/drop_caches

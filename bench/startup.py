@@ -55,6 +55,18 @@ def memory_breakdown() -> dict:
     return values
 
 
+def disk_read_gib() -> float | None:
+    """Bytes this process has had read from storage so far (/proc/self/io read_bytes: file reads, page faults on
+    mapped files and the read-ahead they start; page-cache hits do not count)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1]) / GIB
+    except OSError:
+        pass
+    return None
+
+
 def sequence(sizes, largest: tuple[int, int] | None, pictures: int) -> list[tuple[int, int]]:
     """Every size twice in a row (first, steady), the largest affordable square last; the first `pictures`."""
     order = [*sizes, *([largest] if largest is not None and largest not in sizes else [])]
@@ -118,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(event: str, **values) -> None:
         values = {"event": event, **values, "rss_gib": measure.rss_gib(), "peak_rss_gib": peak_rss_gib(),
+                  "disk_read_gib": disk_read_gib(),
                   **memory_breakdown(),
                   "nvml_peak_gib": poller.peaks(*poller.phases())["gpu"]}
         events.append(values)
