@@ -1,8 +1,9 @@
 """Read and check chat commands the same way on every platform: `/draw` text, typed options, command words.
 
 Platform-neutral: no chat library, no torch. Adapters strip the command word (`split_command`), the core calls
-`parse_draw` (free text) or `validate_draw` (typed options, e.g. Discord slash commands) and shows `str(UsageError)`
-to the user as it is (escaping it for the platform's parse mode is the renderer's job).
+`parse_draw` (free text) or `validate_draw` (typed options, e.g. Discord slash commands). What is wrong with a command
+is data (`UsageError.problem`, one of the classes under "Usage problems" below); `bot.replies.usage_problem` words it
+for the user.
 
 The `/draw` text, after the command word:
 
@@ -42,6 +43,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,6 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
 }
 """Preset name -> aspect ratio (width, height); the pixel count follows the default size."""
 
-KNOWN_OPTIONS = "--seed N, --steps N, --size WxH or a preset, --ar W:H, --png"
-
-_EXAMPLE_PROMPT = "a red fox"
-_QUOTE_HINT = 'If that number is part of your prompt, put the prompt in quotes: /draw "blade runner 2049"'
-
 
 @dataclass(frozen=True)
 class DrawCommand:
@@ -76,18 +73,183 @@ class DrawCommand:
     """The user asked for the lossless PNG as a document (`--png`)."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Usage problems: what is wrong with a command, with the facts its explanation needs (bot.replies words them)
+
+UsageCode = Literal[
+    "empty_prompt", "prompt_too_long", "prompt_too_many_tokens", "bad_seed", "bad_steps", "bad_size",
+    "unknown_option", "missing_value", "unexpected_value", "repeated_option", "conflicting_options",
+]
+"""The kind of problem, for the core and for metrics (several problems may share one, e.g. every bad size)."""
+
+
+@dataclass(frozen=True)
+class UnknownOption:
+    """`--name` where no option has that name."""
+
+    name: str
+    """As typed, after the dashes."""
+    code: ClassVar[UsageCode] = "unknown_option"
+
+
+@dataclass(frozen=True)
+class MissingValue:
+    """An option that takes a value was given none."""
+
+    option: str
+    """seed, steps, size or ar."""
+    default_steps: int
+    """For the example's step count."""
+    code: ClassVar[UsageCode] = "missing_value"
+
+
+@dataclass(frozen=True)
+class UnexpectedValue:
+    """A value for an option that takes none (`--png=yes`)."""
+
+    option: str
+    code: ClassVar[UsageCode] = "unexpected_value"
+
+
+@dataclass(frozen=True)
+class RepeatedOption:
+    """An option that takes a value, given twice."""
+
+    option: str
+    default_steps: int
+    """For the example's step count."""
+    code: ClassVar[UsageCode] = "repeated_option"
+
+
+@dataclass(frozen=True)
+class ConflictingOptions:
+    """Both --size and --ar."""
+
+    code: ClassVar[UsageCode] = "conflicting_options"
+
+
+@dataclass(frozen=True)
+class BadSeed:
+    typed: str
+    out_of_range: bool
+    """A whole number outside 0…SEED_MAX (and not -1); False: not a whole number at all."""
+    from_end: bool
+    """Read from the numbers at the end of the prompt, so it may have been meant as part of the prompt."""
+    code: ClassVar[UsageCode] = "bad_seed"
+
+
+@dataclass(frozen=True)
+class BadSteps:
+    typed: str
+    min_steps: int
+    max_steps: int
+    default_steps: int
+    from_end: bool
+    """Read from the numbers at the end of the prompt, so it may have been meant as part of the prompt."""
+    code: ClassVar[UsageCode] = "bad_steps"
+
+
+@dataclass(frozen=True)
+class BadRatio:
+    """`W:H` with a zero side or longer than MAX_ASPECT to one."""
+
+    typed: str
+    code: ClassVar[UsageCode] = "bad_size"
+
+
+@dataclass(frozen=True)
+class UnknownSize:
+    """Neither a preset, a ratio nor `WxH`."""
+
+    typed: str
+    option: str
+    """size or ar: the one the user wrote, for the example."""
+    portrait: tuple[int, int]
+    """The portrait preset's width and height under the rules, as a `WxH` example."""
+    code: ClassVar[UsageCode] = "bad_size"
+
+
+@dataclass(frozen=True)
+class SizeOutOfRange:
+    """`WxH` with a side outside `low`…`high` (the rules' side limits, rounded inward to multiples of 16)."""
+
+    width: int
+    height: int
+    low: int
+    high: int
+    portrait: tuple[int, int]
+    """The portrait preset's width and height under the rules, as an example."""
+    code: ClassVar[UsageCode] = "bad_size"
+
+
+@dataclass(frozen=True)
+class SizeNotMultipleOf16:
+    width: int
+    height: int
+    nearest: tuple[int, int]
+    """The nearest size that may be drawn, as an example."""
+    code: ClassVar[UsageCode] = "bad_size"
+
+
+@dataclass(frozen=True)
+class TooManyPixels:
+    """`WxH` above the rules' max_pixels."""
+
+    width: int
+    height: int
+    max_pixels: int
+    portrait: tuple[int, int]
+    """The portrait preset's width and height under the rules, as an example."""
+    code: ClassVar[UsageCode] = "bad_size"
+
+
+@dataclass(frozen=True)
+class EmptyPrompt:
+    numbers_taken: bool
+    """Numbers at the end were read as seed and steps (the user may have meant to draw a number)."""
+    code: ClassVar[UsageCode] = "empty_prompt"
+
+
+@dataclass(frozen=True)
+class PromptTooLong:
+    length: int
+    """In characters."""
+    limit: int
+    code: ClassVar[UsageCode] = "prompt_too_long"
+
+
+@dataclass(frozen=True)
+class PromptTooManyTokens:
+    tokens: int
+    limit: int
+    exact: bool
+    """Counted by the real tokenizer; False: estimated."""
+    code: ClassVar[UsageCode] = "prompt_too_many_tokens"
+
+
+UsageProblem = (
+    UnknownOption | MissingValue | UnexpectedValue | RepeatedOption | ConflictingOptions | BadSeed | BadSteps | BadRatio
+    | UnknownSize | SizeOutOfRange | SizeNotMultipleOf16 | TooManyPixels | EmptyPrompt | PromptTooLong
+    | PromptTooManyTokens
+)
+
+
 class UsageError(Exception):
-    """Bad user input. `str(exc)` is a short, friendly explanation with an example of the right form, meant to be
-    shown as-is (it may quote what the user typed, so escape it for the platform's parse mode).
+    """Bad user input: `problem` says what is wrong, `code` its kind. `bot.replies.usage_problem` words it for the
+    user: a short, friendly explanation with an example of the right form. `str(exc)` is that sentence as plain text
+    (for the log and the command line; a chat escapes it for its parse mode through the reply's markup)."""
 
-    `code` names the problem for the core and for metrics: empty_prompt, prompt_too_long, prompt_too_many_tokens,
-    bad_seed, bad_steps, bad_size, unknown_option, missing_value, unexpected_value, repeated_option,
-    conflicting_options.
-    """
+    def __init__(self, problem: UsageProblem) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.code: UsageCode = problem.code
 
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+    def __str__(self) -> str:
+        # bot.replies imports this module for the problem classes; importing it here keeps that one-way at load time.
+        from bot import replies
+        from bot.chat import PlainMarkup
+
+        return replies.usage_problem(PlainMarkup(), self.problem)
 
 
 @dataclass(frozen=True)
@@ -286,12 +448,6 @@ _DASHED = re.compile(r"(--|—)([A-Za-z][A-Za-z0-9_-]*)(?:=(.*))?\Z", re.DOTALL)
 _BARE = re.compile(r"(seed|steps|size|ar)=(.*)\Z", re.DOTALL | re.IGNORECASE)
 
 
-def _value_example(name: str, rules: DrawRules) -> str:
-    """A valid `--name value` under these rules."""
-    values = {"seed": "42", "steps": str(rules.default_steps), "size": "portrait", "ar": "16:9"}
-    return f"--{name} {values[name]}"
-
-
 @dataclass(frozen=True)
 class _Option:
     name: str
@@ -311,12 +467,7 @@ def _as_option(word: _Word) -> _Option | None:
         if canonical is None:
             if dashes == "—":
                 return None  # an em dash starting a word is punctuation, not a mistyped option
-            raise UsageError(
-                f"I don't know the option --{_show(name)}. Known options: {KNOWN_OPTIONS}. "
-                f"Example: /draw {_EXAMPLE_PROMPT} --seed 42 --ar 16:9 "
-                "(to draw it as text, put the prompt in quotes).",
-                code="unknown_option",
-            )
+            raise UsageError(UnknownOption(name))
         return _Option(canonical, value)
     match = _BARE.match(word.text)
     if match is not None:
@@ -351,27 +502,14 @@ def _split_options(words: list[_Word], rules: DrawRules) -> tuple[list[_Word], d
                 i += 1
             value = None if value is None else value.strip("".join(_DOUBLE_QUOTES)).strip()
             if not value:
-                example = _value_example(option.name, rules)
-                raise UsageError(
-                    f"--{option.name} needs a value, for example: /draw {_EXAMPLE_PROMPT} {example}",
-                    code="missing_value",
-                )
+                raise UsageError(MissingValue(option.name, rules.default_steps))
         elif value is not None:
-            raise UsageError(
-                f"--{option.name} takes no value. Example: /draw {_EXAMPLE_PROMPT} --{option.name}",
-                code="unexpected_value",
-            )
+            raise UsageError(UnexpectedValue(option.name))
         if option.name in options and option.name != "png":
-            raise UsageError(
-                f"--{option.name} was given twice; give it once, for example: /draw {_EXAMPLE_PROMPT} "
-                f"{_value_example(option.name, rules)}",
-                code="repeated_option",
-            )
+            raise UsageError(RepeatedOption(option.name, rules.default_steps))
         options[option.name] = value or ""
     if "ar" in options and "size" in options:
-        raise UsageError(
-            f"Use --size or --ar, not both. Example: /draw {_EXAMPLE_PROMPT} --ar 16:9", code="conflicting_options"
-        )
+        raise UsageError(ConflictingOptions())
     return kept, options
 
 
@@ -425,21 +563,12 @@ def _parse_seed(raw: str, *, from_end: bool) -> int | None:
     if raw.lower() == "random":
         return None
     value = _to_int(raw)
-    hint = f" {_QUOTE_HINT}" if from_end else ""
     if value is None:
-        raise UsageError(
-            f"The seed must be a whole number from 0 to {SEED_MAX}, or -1 for a random one; “{_show(raw)}” is not. "
-            f"Example: /draw {_EXAMPLE_PROMPT} 42.{hint}",
-            code="bad_seed",
-        )
+        raise UsageError(BadSeed(raw, out_of_range=False, from_end=from_end))
     if value == -1:
         return None
     if not 0 <= value <= SEED_MAX:
-        raise UsageError(
-            f"The seed {_show(raw)} is out of range: use a whole number from 0 to {SEED_MAX}, or -1 for a random one. "
-            f"Example: /draw {_EXAMPLE_PROMPT} 42.{hint}",
-            code="bad_seed",
-        )
+        raise UsageError(BadSeed(raw, out_of_range=True, from_end=from_end))
     return value
 
 
@@ -447,14 +576,7 @@ def _parse_steps(raw: str, rules: DrawRules, *, from_end: bool) -> int:
     raw = raw.strip()
     value = _to_int(raw)
     if value is None or not rules.min_steps <= value <= rules.max_steps:
-        hint = f" {_QUOTE_HINT}" if from_end else ""
-        steps = rules.default_steps
-        raise UsageError(
-            f"Steps must be a whole number from {rules.min_steps} to {rules.max_steps}; “{_show(raw)}” is not. "
-            f"Example: /draw {_EXAMPLE_PROMPT} 42 {steps} (seed 42, {steps} steps) "
-            f"or /draw {_EXAMPLE_PROMPT} --steps {steps}.{hint}",
-            code="bad_steps",
-        )
+        raise UsageError(BadSteps(raw, rules.min_steps, rules.max_steps, rules.default_steps, from_end=from_end))
     return value
 
 
@@ -471,45 +593,24 @@ def _parse_size(raw: str, rules: DrawRules, *, option: str) -> tuple[int, int]:
     preset = SIZE_PRESETS.get(raw.lower())
     if preset is not None:
         return size_for_ratio(*preset, rules)
-    example = f"/draw {_EXAMPLE_PROMPT} --{option} {'16:9' if option == 'ar' else 'portrait'}"
     ratio = _RATIO.match(raw)
     if ratio is not None:
         across, down = int(ratio.group(1)), int(ratio.group(2))
         if across == 0 or down == 0 or max(across / down, down / across) > MAX_ASPECT:
-            raise UsageError(
-                f"The aspect ratio must be between 1:4 and 4:1; {_show(raw)} is not. "
-                f"Example: /draw {_EXAMPLE_PROMPT} --ar 16:9",
-                code="bad_size",
-            )
+            raise UsageError(BadRatio(raw))
         return size_for_ratio(across, down, rules)
+    portrait = size_for_ratio(*SIZE_PRESETS["portrait"], rules)
     dims = _DIMENSIONS.match(raw)
     if dims is None:
-        raise UsageError(
-            f"I don't know the size “{_show(raw)}”. Use a preset ({', '.join(SIZE_PRESETS)}), a ratio like 16:9, "
-            f"or WIDTHxHEIGHT like {_portrait_example(rules)}. Example: {example}",
-            code="bad_size",
-        )
+        raise UsageError(UnknownSize(raw, option, portrait))
     width, height = int(dims.group(1)), int(dims.group(2))
     low, high = _round_up_16(rules.min_side), _round_down_16(rules.max_side)
     if not (low <= width <= high and low <= height <= high):
-        raise UsageError(
-            f"Width and height must each be from {low} to {high}; {width}x{height} is not. "
-            f"Example: /draw {_EXAMPLE_PROMPT} --size {_portrait_example(rules)}",
-            code="bad_size",
-        )
+        raise UsageError(SizeOutOfRange(width, height, low, high, portrait))
     if width % 16 or height % 16:
-        nearest = "x".join(map(str, _fit(width, height, rules)))
-        raise UsageError(
-            f"Width and height must be multiples of 16; {width}x{height} is not. "
-            f"Example: /draw {_EXAMPLE_PROMPT} --size {nearest}",
-            code="bad_size",
-        )
+        raise UsageError(SizeNotMultipleOf16(width, height, nearest=_fit(width, height, rules)))
     if rules.max_pixels is not None and width * height > rules.max_pixels:
-        raise UsageError(
-            f"{width}x{height} is too many pixels (at most {rules.max_pixels:,}). "
-            f"Example: /draw {_EXAMPLE_PROMPT} --size {_portrait_example(rules)}",
-            code="bad_size",
-        )
+        raise UsageError(TooManyPixels(width, height, rules.max_pixels, portrait))
     return width, height
 
 
@@ -541,11 +642,6 @@ def _fit(width: float, height: float, rules: DrawRules) -> tuple[int, int]:
         else:
             height_16 -= 16
     return width_16, height_16
-
-
-def _portrait_example(rules: DrawRules) -> str:
-    width, height = size_for_ratio(*SIZE_PRESETS["portrait"], rules)
-    return f"{width}x{height}"
 
 
 def _round_up_16(value: float) -> int:
@@ -600,27 +696,10 @@ def _count_tokens(prompt: str, rules: DrawRules) -> tuple[int, bool]:
 
 def _check_prompt(prompt: str, rules: DrawRules, *, numbers_taken: bool) -> None:
     if _is_blank(prompt):
-        hint = ""
-        if numbers_taken:
-            hint = ' Numbers at the end are read as seed and steps; to draw a number, quote it: /draw "1984".'
-        raise UsageError(f"Tell me what to draw, for example: /draw a red fox in the snow.{hint}", code="empty_prompt")
+        raise UsageError(EmptyPrompt(numbers_taken))
     if len(prompt) > rules.max_prompt_chars:
-        raise UsageError(
-            f"Your prompt is {len(prompt)} characters long; the limit is {rules.max_prompt_chars}. "
-            "Please shorten it, for example: /draw a red fox in the snow",
-            code="prompt_too_long",
-        )
+        raise UsageError(PromptTooLong(len(prompt), rules.max_prompt_chars))
     tokens, exact = _count_tokens(prompt, rules)
     if tokens > rules.max_prompt_tokens:
-        about = "" if exact else "about "
-        raise UsageError(
-            f"Your prompt is {about}{tokens} tokens long; the model reads at most {rules.max_prompt_tokens}. "
-            "Please shorten it, for example: /draw a red fox in the snow",
-            code="prompt_too_many_tokens",
-        )
+        raise UsageError(PromptTooManyTokens(tokens, rules.max_prompt_tokens, exact))
 
-
-def _show(raw: str, limit: int = 24) -> str:
-    """User text quoted in a message: one line, cut short."""
-    flat = " ".join(raw.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bot.chat import PlainMarkup
 from bot.commands import SEED_MAX, DrawRules, UsageError, validate_draw
 from bot.config import Config
 from bot.engine_setup import EngineSetupError, choose_model, start_engine
@@ -53,7 +54,7 @@ def draw(config: Config, args: argparse.Namespace) -> int:
     try:  # the prompt rules chat applies (not empty, not too long), so the CLI accepts what a user could ask
         prompt = validate_draw(args.prompt, None, None, rules).prompt
     except UsageError as exc:
-        return say(str(exc).replace("/draw ", "drawbot draw "))
+        return say(replies.usage_problem(PlainMarkup(), exc.problem).replace("/draw ", "drawbot draw "))
     problem = check_output(args.output)
     if problem:
         return say(problem)

@@ -8,8 +8,9 @@ import time
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, assert_never
 
+from bot import commands
 from bot.chat import Markup
 from engine.jobs import Failure
 
@@ -121,6 +122,95 @@ def again_usage(m: Markup, action: str) -> str:
     """/again or /reroll typed without a picture to draw again."""
     return m.escape(f"Send /{action} with the number /history shows next to the picture, e.g. /{action} 1 for your "
                     "newest.")
+
+
+# -- /draw that could not be understood (bot.commands decides what is wrong) -----------------------------------------
+
+KNOWN_OPTIONS = "--seed N, --steps N, --size WxH or a preset, --ar W:H, --png"
+_EXAMPLE_PROMPT = "a red fox"
+_QUOTE_HINT = 'If that number is part of your prompt, put the prompt in quotes: /draw "blade runner 2049"'
+
+
+def usage_problem(m: Markup, problem: commands.UsageProblem) -> str:
+    """What is wrong with a /draw (`UsageError.problem`), in one line with an example of the right form; each example
+    is itself a valid /draw under the rules the problem was found with (tests/bot/test_commands.py parses them)."""
+    return m.escape(_usage_sentence(problem))
+
+
+def _usage_sentence(problem: commands.UsageProblem) -> str:
+    draw = f"/draw {_EXAMPLE_PROMPT}"
+    match problem:
+        case commands.UnknownOption():
+            return (f"I don't know the option --{_show(problem.name)}. Known options: {KNOWN_OPTIONS}. "
+                    f"Example: {draw} --seed 42 --ar 16:9 (to draw it as text, put the prompt in quotes).")
+        case commands.MissingValue():
+            return f"--{problem.option} needs a value, for example: {draw} {_option_example(problem)}"
+        case commands.UnexpectedValue():
+            return f"--{problem.option} takes no value. Example: {draw} --{problem.option}"
+        case commands.RepeatedOption():
+            return f"--{problem.option} was given twice; give it once, for example: {draw} {_option_example(problem)}"
+        case commands.ConflictingOptions():
+            return f"Use --size or --ar, not both. Example: {draw} --ar 16:9"
+        case commands.BadSeed():
+            hint = f" {_QUOTE_HINT}" if problem.from_end else ""
+            if problem.out_of_range:
+                return (f"The seed {_show(problem.typed)} is out of range: use a whole number from 0 to "
+                        f"{commands.SEED_MAX}, or -1 for a random one. Example: {draw} 42.{hint}")
+            return (f"The seed must be a whole number from 0 to {commands.SEED_MAX}, or -1 for a random one; "
+                    f"“{_show(problem.typed)}” is not. Example: {draw} 42.{hint}")
+        case commands.BadSteps():
+            hint = f" {_QUOTE_HINT}" if problem.from_end else ""
+            default = problem.default_steps
+            return (f"Steps must be a whole number from {problem.min_steps} to {problem.max_steps}; "
+                    f"“{_show(problem.typed)}” is not. Example: {draw} 42 {default} (seed 42, {default} steps) "
+                    f"or {draw} --steps {default}.{hint}")
+        case commands.BadRatio():
+            return (f"The aspect ratio must be between 1:4 and 4:1; {_show(problem.typed)} is not. "
+                    f"Example: {draw} --ar 16:9")
+        case commands.UnknownSize():
+            return (f"I don't know the size “{_show(problem.typed)}”. Use a preset "
+                    f"({', '.join(commands.SIZE_PRESETS)}), a ratio like 16:9, or WIDTHxHEIGHT like "
+                    f"{_size(problem.portrait)}. Example: {draw} {_option_example(problem)}")
+        case commands.SizeOutOfRange():
+            return (f"Width and height must each be from {problem.low} to {problem.high}; "
+                    f"{problem.width}x{problem.height} is not. Example: {draw} --size {_size(problem.portrait)}")
+        case commands.SizeNotMultipleOf16():
+            return (f"Width and height must be multiples of 16; {problem.width}x{problem.height} is not. "
+                    f"Example: {draw} --size {_size(problem.nearest)}")
+        case commands.TooManyPixels():
+            return (f"{problem.width}x{problem.height} is too many pixels (at most {problem.max_pixels:,}). "
+                    f"Example: {draw} --size {_size(problem.portrait)}")
+        case commands.EmptyPrompt():
+            hint = (' Numbers at the end are read as seed and steps; to draw a number, quote it: /draw "1984".'
+                    if problem.numbers_taken else "")
+            return f"Tell me what to draw, for example: /draw a red fox in the snow.{hint}"
+        case commands.PromptTooLong():
+            return (f"Your prompt is {problem.length} characters long; the limit is {problem.limit}. "
+                    "Please shorten it, for example: /draw a red fox in the snow")
+        case commands.PromptTooManyTokens():
+            about = "" if problem.exact else "about "
+            return (f"Your prompt is {about}{problem.tokens} tokens long; the model reads at most {problem.limit}. "
+                    "Please shorten it, for example: /draw a red fox in the snow")
+    assert_never(problem)
+
+
+def _option_example(problem: commands.MissingValue | commands.RepeatedOption | commands.UnknownSize) -> str:
+    """A valid `--option value` for the option the problem is about (steps: the rules' default count)."""
+    if isinstance(problem, commands.UnknownSize):
+        value = "16:9" if problem.option == "ar" else "portrait"
+    else:
+        value = {"seed": "42", "steps": str(problem.default_steps), "size": "portrait", "ar": "16:9"}[problem.option]
+    return f"--{problem.option} {value}"
+
+
+def _size(width_height: tuple[int, int]) -> str:
+    return "x".join(map(str, width_height))
+
+
+def _show(typed: str, limit: int = 24) -> str:
+    """What the user typed, quoted in a sentence: one line, cut short."""
+    flat = " ".join(typed.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def restarting_refusal(m: Markup) -> str:

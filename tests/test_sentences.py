@@ -1,6 +1,6 @@
 """Every sentence a user sees is written in bot/replies.py (issue 12): an AST scan of bot/ for text literals handed to
 whatever shows text to a person (a chat message or its edit, a picture's caption, a button's answer, a web error or
-notice, an HTTP refusal, a command menu, a console line).
+notice, an HTTP refusal, a command menu, a console line, an exception the core shows to the user).
 
 What stays out of scope, on purpose: log calls, exceptions for the owner's log and the command line, docstrings, the
 web page's widget labels and headings (layout, like HTML), and identifiers or markup (no space, no sentence end)."""
@@ -30,6 +30,8 @@ SAYS = {
     "Error", "Info", "Warning", "PlainTextResponse", "HTMLResponse", "inbox.add", "Update",
     # command menus: Telegram's setMyCommands, Discord's slash commands, their groups and options
     "set_my_commands", "BotCommand", "command", "Group", "describe",
+    # exceptions the core shows to the user: a /draw it could not read (bot.commands says what is wrong, as data)
+    "UsageError",
 }
 """Calls whose arguments reach a person: by the called name, or by its dotted tail (`self._inbox.add`)."""
 
@@ -116,10 +118,12 @@ def test_the_scan_finds_a_sentence_written_in_an_adapter(tmp_path, monkeypatch):
             await conv.send_text(replies.failed(m, exc.failure))  # worded in replies
             gr.Button("Draw", variant="primary")  # the page's layout
             done.add("photo")  # an identifier
+            raise UsageError(f"--{name} needs a value, for example: /draw a red fox --seed 42", code="missing_value")
+            raise UsageError(MissingValue(name, rules.default_steps))  # data: worded in replies
     """))
     monkeypatch.setattr(sys.modules[__name__], "BOT", tmp_path / "bot")
     found = sentences_in(module)
-    assert sorted(int(line.split(": ", 1)[0].rsplit(":", 1)[1]) for line in found) == [3, 4, 5, 6, 7, 8, 9], found
+    assert sorted(int(line.split(": ", 1)[0].rsplit(":", 1)[1]) for line in found) == [3, 4, 5, 6, 7, 8, 9, 14], found
 
 
 def test_every_failure_and_refusal_has_its_sentence():

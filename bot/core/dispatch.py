@@ -74,7 +74,7 @@ class Dispatch:
         try:
             command = parse_draw(rest, self.rules)
         except UsageError as exc:
-            await conv.send_text(conv.markup.escape(str(exc)))
+            await conv.send_text(replies.usage_problem(conv.markup, exc.problem))
             return
         await self.submitter.submit(user, conv, command)
 
@@ -112,6 +112,6 @@ class Dispatch:
         try:
             command = validate_draw(prompt, seed, steps, self.rules, size=size, as_file=as_file)
         except UsageError as exc:
-            await conv.send_text(conv.markup.escape(str(exc)))
+            await conv.send_text(replies.usage_problem(conv.markup, exc.problem))
             return
         await self.submitter.submit(user, conv, command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import html
 import random
 import re
 import subprocess
@@ -10,16 +11,20 @@ import sys
 import time
 import unicodedata
 from dataclasses import replace
+from typing import get_args
 
 import pytest
 
+from bot import commands, replies
 from bot.chat import PlainMarkup
 from bot.commands import (
     SEED_MAX,
     SIZE_PRESETS,
     DrawCommand,
     DrawRules,
+    UsageCode,
     UsageError,
+    UsageProblem,
     estimate_t5_tokens,
     parse_draw,
     size_for_ratio,
@@ -289,6 +294,49 @@ def assert_good_message(message: str, rules: DrawRules) -> None:
     assert examples, f"no example in: {message}"
     for example in examples:
         parse_draw(example, rules)  # raises if an example is wrong
+
+
+EVERY_PROBLEM = [  # under ODD_RULES: steps 4-8, sides 320-1024, 640x640 pixels, 60 characters, 30 tokens
+    ("a fox --foo", commands.UnknownOption),
+    ("a fox --seed", commands.MissingValue),
+    ("a fox --png=yes", commands.UnexpectedValue),
+    ("a fox --steps 5 --steps 6", commands.RepeatedOption),
+    ("a fox --size wide --ar 1:1", commands.ConflictingOptions),
+    ("a fox --seed 3.5", commands.BadSeed),
+    ("a fox 99999999999 4", commands.BadSeed),
+    ("a fox 7 9", commands.BadSteps),
+    ("a fox --ar 9:1", commands.BadRatio),
+    ("a fox --ar <b>", commands.UnknownSize),
+    ("a fox --size 4096x4096", commands.SizeOutOfRange),
+    ("a fox --size 1000x1000", commands.SizeNotMultipleOf16),
+    ("a fox --size 1024x1024", commands.TooManyPixels),
+    ("7 4", commands.EmptyPrompt),
+    ("x" * 61, commands.PromptTooLong),
+    ("a " * 29, commands.PromptTooManyTokens),
+]
+
+
+def test_the_cases_below_cover_every_usage_problem_and_code() -> None:
+    assert {problem for _, problem in EVERY_PROBLEM} == set(get_args(UsageProblem))
+    assert {problem.code for problem in get_args(UsageProblem)} == set(get_args(UsageCode)) == ERROR_CODES
+
+
+class Html(PlainMarkup):
+    def escape(self, text: str) -> str:
+        return html.escape(text, quote=False)
+
+
+@pytest.mark.parametrize(("text", "kind"), EVERY_PROBLEM, ids=[repr(t)[:30] for t, _ in EVERY_PROBLEM])
+def test_every_usage_problem_is_worded_by_replies(text: str, kind: type) -> None:
+    """The parser says what is wrong as data; bot.replies words it (str(exc) is the same sentence, plain)."""
+    with pytest.raises(UsageError) as caught:
+        parse_draw(text, ODD_RULES)
+    problem = caught.value.problem
+    assert type(problem) is kind and caught.value.code == kind.code
+    sentence = replies.usage_problem(PlainMarkup(), problem)
+    assert sentence == str(caught.value)
+    assert_good_message(sentence, ODD_RULES)  # one line, not empty, its examples valid
+    assert replies.usage_problem(Html(), problem) == html.escape(sentence, quote=False)  # what a chat sees
 
 
 def test_quote_hint_only_for_trailing_numbers() -> None:
