@@ -165,7 +165,8 @@ class FluxPipeline:
                                                   fp8_compute=settings.fp8_compute,
                                                   torch_compile=settings.torch_compile,
                                                   weight_cache=_weight_cache(settings, files, host_budget),
-                                                  sources=sources)
+                                                  sources=sources,
+                                                  page_cache_room=lambda: _page_cache_room(host_budget))
             if pipeline.streaming.dit.file_backed:
                 _keep_in_page_cache(pipeline.streaming, host_budget)
         elif settings.fp8_compute or settings.torch_compile is True:
@@ -299,6 +300,12 @@ def _weight_cache(settings: EngineSettings, files: weights.ModelFiles, budget: f
     return WeightCache(folder, {"dit": [files.dit], "t5": list(files.t5)})
 
 
+def _page_cache_room(budget: float) -> int:
+    from engine import host_ram
+
+    return host_ram.page_cache_room(budget)
+
+
 def _keep_in_page_cache(streaming: "PipelineStreaming", budget: float) -> None:
     """File-backed: what of the streamed weights the page cache keeps within the host-RAM budget (the rest is read
     from the disk at every step), now that the process's own memory is known (loaded, calibrated, compiled)."""
@@ -306,9 +313,11 @@ def _keep_in_page_cache(streaming: "PipelineStreaming", budget: float) -> None:
 
     room = host_ram.page_cache_room(budget)
     kept = streaming.keep_in_page_cache(room)
-    log.info("page cache: %.2f GiB of the streamed weights kept in RAM, %.2f GiB read from the disk per step "
-             "(host RAM budget %.1f GiB, %.2f GiB held by the process)", kept / host_ram.GIB,
-             streaming.dit.dropped_bytes / host_ram.GIB, budget, host_ram.held_bytes() / host_ram.GIB)
+    direct = getattr(streaming.dit.host_memory, "direct_reads", False)
+    log.info("page cache: %.2f GiB of the streamed weights kept in RAM, %.2f GiB read from the disk per step (%s; "
+             "host RAM budget %.1f GiB, %.2f GiB held by the process)", kept / host_ram.GIB,
+             streaming.dit.dropped_bytes / host_ram.GIB, "O_DIRECT" if direct else "through the page cache", budget,
+             host_ram.held_bytes() / host_ram.GIB)
 
 
 def _limit_compile_workers(threads: int) -> None:

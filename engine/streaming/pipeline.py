@@ -313,17 +313,23 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
                      fp8_compute: bool = False, torch_compile: bool | Literal["auto"] = False,
                      compile_backend="inductor", weight_cache: WeightCache | None = None,
                      compile_other_size: bool = True,
-                     sources: dict[str, SourceWeights] | None = None) -> PipelineStreaming:
+                     sources: dict[str, SourceWeights] | None = None,
+                     page_cache_room: Callable[[], int] | None = None) -> PipelineStreaming:
     """Take over weight movement for a pipeline built with every model in host memory (see engine.pipeline's
     `stream` memory plan). On a GPU the residency plan is calibrated with one 1-step generation at width x height,
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
     `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
     everything is streamed (the tests exercise the full streaming path that way). That first generation also
-    compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone."""
+    compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone. `page_cache_room`
+    (file-backed weights): the page cache's room for them now, so that the start-up generations, which stream every
+    unit, already read the units beyond it from the disk without evicting the others (planned again once the
+    residency is known)."""
     started = time.monotonic()
     streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache, sources=sources)
     seconds = streaming.startup_seconds
     seconds.packing = time.monotonic() - started
+    if page_cache_room is not None and streaming.dit.file_backed:
+        streaming.keep_in_page_cache(page_cache_room())
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":

@@ -4,6 +4,7 @@ GPU slots on a side stream, ordered against compute by events (see engine.stream
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -14,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from engine import compat
-from engine.streaming.host_memory import HostMemory, page_align, return_freed_host_memory
+from engine.streaming.host_memory import PAGE, HostMemory, page_align, return_freed_host_memory
 from engine.streaming.kernels import Upcaster
 from engine.streaming.patches import Patches
 from engine.streaming.weight_cache import FileMemory, WeightCache
@@ -48,6 +49,16 @@ class FileRead:
 
     ahead: Callable[[], None]
     done: Callable[[], None]
+    direct: Callable[[torch.Tensor], bool] | None = None
+    """Reads the unit from the disk straight into a page-aligned staging buffer (O_DIRECT, past the page cache);
+    False when it cannot, and the unit is copied from the mapping instead. None: a unit kept in the page cache."""
+
+
+def aligned_empty(nbytes: int, *, pin: bool) -> torch.Tensor:
+    """A uint8 buffer of `nbytes` starting on a page boundary (O_DIRECT reads need one); page-locked when `pin`."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+    start = (-raw.data_ptr()) % PAGE
+    return raw[start:start + nbytes]
 
 
 def _align(nbytes: int) -> int:
@@ -181,25 +192,28 @@ class SlotPool:
         return self._read_thread
 
     def _read_into_slot(self, slot: int, source: torch.Tensor, target: torch.Tensor, read: FileRead) -> None:
-        """In the reader thread, in submission order: the mapped bytes into the next staging buffer (once the GPU
-        copy that last read that buffer has finished), then its copy into the slot queued on the side stream. The
-        compute thread meanwhile queues kernels; it waits only in `acquire`, if the weights are late."""
+        """In the reader thread, in submission order: the unit's bytes into the next staging buffer (once the GPU
+        copy that last read that buffer has finished), from the disk directly or from the mapping, then its copy
+        into the slot queued on the side stream. The compute thread meanwhile queues kernels; it waits only in
+        `acquire`, if the weights are late."""
         read.ahead()
-        if not self.cuda:  # no side stream: the slot's last user has finished (CPU compute is synchronous)
-            target.copy_(source)
-            read.done()
-            return
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext():
             if not self.staging:
-                self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+                self.staging = [aligned_empty(page_align(self.slot_bytes), pin=self.cuda)
                                 for _ in range(STAGING_BUFFERS)]
-                self.staged = [torch.cuda.Event() for _ in range(STAGING_BUFFERS)]
+                self.staged = [torch.cuda.Event() if self.cuda else None for _ in range(STAGING_BUFFERS)]
             index = self._next_stage
             self._next_stage = (index + 1) % len(self.staging)
-            self.staged[index].synchronize()
-            buffer = self.staging[index][:source.numel()]
-            buffer.copy_(source)
+            if self.cuda:
+                self.staged[index].synchronize()
+            staging = self.staging[index]
+            buffer = staging[:source.numel()]
+            if read.direct is None or not read.direct(staging):
+                buffer.copy_(source)
             read.done()
+            if not self.cuda:  # no side stream: the slot's last user has finished (CPU compute is synchronous)
+                target.copy_(buffer)
+                return
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])
                 target.copy_(buffer, non_blocking=True)
@@ -233,6 +247,22 @@ class SlotPool:
         """Mark the point after the work queued so far on the compute stream: the slot may be overwritten after it."""
         if self.cuda:
             self.free[slot].record(torch.cuda.current_stream(self.device))
+
+
+def spread_kept(sizes: Sequence[int], room: int) -> set[int]:
+    """Positions (in pass order) of the units the page cache keeps: as many bytes as fit `room`, spread evenly
+    through the pass (a unit is kept while the bytes kept so far stay within room's share of the bytes passed)."""
+    total = sum(sizes)
+    if total <= room:
+        return set(range(len(sizes)))
+    kept: set[int] = set()
+    kept_bytes = passed = 0
+    for position, size in enumerate(sizes):
+        passed += size
+        if kept_bytes + size <= min(room, room * passed / total + size / 2):
+            kept.add(position)
+            kept_bytes += size
+    return kept
 
 
 class ModelStreamer:
@@ -447,45 +477,54 @@ class ModelStreamer:
         memory = self.host_memory
         assert isinstance(memory, FileMemory)
         unit = self.units[index]
-        ahead = [self.units[i] for i in (following, *self._disk_ahead.get(index, ()))]
+        # The next unit through the page cache (a disk unit read with O_DIRECT would only be read twice).
+        next_in_cache = following not in self._dropped or not memory.direct_reads
+        ahead = [self.units[i] for i in ((following,) if next_in_cache else ()) + tuple(self._disk_ahead.get(index, ()))]
 
         def read_ahead() -> None:
             for later in ahead:
                 memory.prefetch(later.host_offset, later.nbytes)
 
         if index in self._dropped:
-            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes))
+            # The drop also covers a direct read that fell back to the mapping (for a direct one it finds nothing).
+            direct = functools.partial(memory.read_direct, unit.host_offset, unit.nbytes) if memory.direct_reads \
+                else None
+            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes), direct)
         return FileRead(read_ahead, lambda: None)
 
     def keep_in_page_cache(self, room: int) -> int:
-        """File-backed: the streamed units, in execution order, that fit `room` bytes stay in the page cache; the
-        others are dropped from it after each read, so a pass reads those from the disk and finds the kept ones in
-        RAM (left to itself, the kernel's LRU would evict each unit just before it is needed again once a pass is
-        larger than the page cache: every byte from the disk). The disk is kept busy the whole pass: while a unit
-        is read, the next DISK_READAHEAD_BYTES of dropped units are asked for (room is left for them). Returns the
-        bytes kept."""
+        """File-backed: which streamed units stay in the page cache within `room` bytes; the others are read from
+        the disk at every pass, so a pass finds the kept ones in RAM (left to itself, the kernel's LRU would evict
+        each unit just before it is needed again once a pass is larger than the page cache: every byte from the
+        disk). The disk units are spread evenly through the pass, so each one's read overlaps the compute of the
+        kept units before it instead of all of them waiting at the end. They are read with O_DIRECT where the file
+        system allows it (past the page cache); otherwise through it, dropped after each read, and while a unit is
+        read the next DISK_READAHEAD_BYTES of disk units are asked for (room is left for them). Returns the bytes
+        kept."""
         if not self.file_backed:
             self._dropped, self._disk_ahead = frozenset(), {}
             return 0
-        if sum(page_align(self.units[i].nbytes) for i in self._order) > room:
+        memory = self.host_memory
+        assert isinstance(memory, FileMemory)
+        sizes = [page_align(self.units[i].nbytes) for i in self._order]
+        through_page_cache = not memory.direct_reads
+        if sum(sizes) > room and through_page_cache:
             room -= DISK_READAHEAD_BYTES
-        kept, dropped = 0, set()
-        for index in self._order:
-            if kept + page_align(self.units[index].nbytes) <= room:
-                kept += page_align(self.units[index].nbytes)
-            else:
-                dropped.add(index)
+        kept_indices = spread_kept(sizes, max(room, 0))
+        dropped = {index for position, index in enumerate(self._order) if position not in kept_indices}
         self._dropped = frozenset(dropped)
+        for index in dropped:  # what a build or an earlier plan left in the page cache would only crowd the kept
+            memory.drop(self.units[index].host_offset, self.units[index].nbytes)
         self._disk_ahead = {}
         for position, index in enumerate(self._order):
             ahead, queued = [], 0
             for step in range(1, len(self._order)):
                 later = self._order[(position + step) % len(self._order)]
-                if later in dropped and queued < DISK_READAHEAD_BYTES:
+                if through_page_cache and later in dropped and queued < DISK_READAHEAD_BYTES:
                     ahead.append(later)
                     queued += self.units[later].nbytes
             self._disk_ahead[index] = ahead
-        return kept
+        return sum(sizes[i] for i in kept_indices)
 
     @property
     def dropped_bytes(self) -> int:

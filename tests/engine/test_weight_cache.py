@@ -156,12 +156,17 @@ def _cached_fraction(path, offset: int, nbytes: int) -> float:
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux) to drop pages")
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page-cache"])
 def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_draw_the_same(tiny_settings, tmp_path,
-                                                                                           monkeypatch):
-    """Under a host-RAM budget too small for every streamed unit, the units beyond the room are dropped from the page
-    cache after each read (so the ones kept are not evicted by the cyclic read), and the picture does not change."""
-    from engine.streaming import streamer
+                                                                                           monkeypatch, direct):
+    """Under a host-RAM budget too small for every streamed unit, the units beyond the room come from the disk at
+    every pass without entering the page cache for good (read with O_DIRECT, or dropped after each read where there
+    is none), so the ones kept are not evicted by the cyclic read, and the picture does not change."""
+    from engine.streaming import streamer, weight_cache
 
+    if direct and not _has_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    monkeypatch.setattr(weight_cache, "USE_DIRECT_IO", direct)
     # The tiny model's units are far smaller than the disk read-ahead: without it, only the next unit is read ahead.
     monkeypatch.setattr(streamer, "DISK_READAHEAD_BYTES", 0)
     pinned = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 64}))
@@ -174,13 +179,21 @@ def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_dr
     assert 0 < kept <= half
     assert 0 < dit.dropped_bytes < sum(u.nbytes for u in units)
     expected = _picture(pinned, "a lynx in snow")
+    before = dit.host_memory.direct_bytes
     assert _picture(filed, "a lynx in snow") == expected
     path = dit.host_memory.path
     dropped = [u for u in units if u.index in dit._dropped]
     held = [u for u in units if u.index not in dit._dropped]
     assert dropped and held
-    # Out of the page cache after the picture: every dropped unit but the one read ahead for the next pass.
-    assert sum(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped) >= len(dropped) - 1
+    assert dit.host_memory.direct_reads is direct
+    if direct:  # every disk unit read from the disk once per step (3 steps), none through the page cache
+        # (plus what the ring reads ahead into the next pass at the last step: at most its two slots)
+        read = dit.host_memory.direct_bytes - before
+        assert 3 * sum(u.nbytes for u in dropped) <= read <= 3 * sum(u.nbytes for u in dropped) + 2 * max(
+            u.nbytes for u in units)
+        assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped), [(u.index, u.nbytes, _cached_fraction(path, u.host_offset, u.nbytes)) for u in units]
+    else:  # out of the page cache after the picture: every dropped unit but the one read ahead for the next pass
+        assert sum(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped) >= len(dropped) - 1
     assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in held)
 
     assert all(not ahead for ahead in dit._disk_ahead.values())
@@ -208,9 +221,11 @@ def test_a_unit_made_resident_leaves_the_page_cache_and_streams_again_unchanged(
 
 
 def test_the_disk_is_asked_for_the_next_dropped_units_while_kept_ones_are_read(tiny_settings, tmp_path, monkeypatch):
-    """With read-ahead, every unit's read asks the kernel for the dropped units coming next in the pass (up to
-    DISK_READAHEAD_BYTES), and room is left for them."""
-    from engine.streaming import streamer
+    """Through the page cache (no O_DIRECT), every unit's read asks the kernel for the dropped units coming next in
+    the pass (up to DISK_READAHEAD_BYTES), and room is left for them."""
+    from engine.streaming import streamer, weight_cache
+
+    monkeypatch.setattr(weight_cache, "USE_DIRECT_IO", False)
 
     filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
                                                    "weight_cache_dir": tmp_path / "cache"}))
@@ -230,3 +245,78 @@ def test_the_disk_is_asked_for_the_next_dropped_units_while_kept_ones_are_read(t
     before = _picture(filed, "a wren")
     assert dit.keep_in_page_cache(1 << 40) == total and not any(dit._disk_ahead.values())
     assert _picture(filed, "a wren") == before
+
+
+def _has_o_direct(folder) -> bool:
+    probe = folder / "o_direct_probe"
+    probe.write_bytes(b"x" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except (OSError, AttributeError):
+        return False
+    finally:
+        probe.unlink()
+
+
+def test_disk_units_are_spread_through_the_pass_within_the_room():
+    """The units read from the disk are spread evenly through a pass (each one's read overlaps the compute of the
+    kept units before it), never more bytes kept than the room, all kept when they fit, none when no unit fits."""
+    from engine.streaming.streamer import spread_kept
+
+    assert spread_kept([4] * 10, 20) == {0, 2, 4, 6, 8}
+    assert spread_kept([4] * 10, 40) == set(range(10))
+    assert spread_kept([4] * 10, 3) == set()
+    sizes = [2] * 19 + [1] * 38  # Flux's DiT: 19 double blocks, 38 single blocks of about half the bytes
+    for share in (0.1, 0.25, 0.43, 0.6, 0.9):
+        room = int(sum(sizes) * share)
+        kept = spread_kept(sizes, room)
+        kept_bytes = sum(sizes[i] for i in kept)
+        assert room - 2 <= kept_bytes <= room
+        dropped = [i for i in range(len(sizes)) if i not in kept]
+        runs, run = [], 0
+        for i in range(len(sizes)):  # the longest stretch of disk units in a row
+            run = run + 1 if i in dropped else 0
+            runs.append(run)
+        assert max(runs) <= int(1 / share) + 2
+        halves = sum(sizes[i] for i in kept if i < 19), sum(sizes[i] for i in kept if i >= 19)
+        assert abs(halves[0] - halves[1]) <= 3  # both halves of the pass hold about the same bytes in RAM
+
+
+def test_direct_reads_give_the_mapped_bytes_and_fall_back_where_they_cannot(tmp_path, monkeypatch):
+    """`FileMemory.read_direct` reads exactly the file's bytes (a range ending at the file's end included); it
+    declines an unaligned buffer, and on a file system without O_DIRECT the pipeline reads through the page cache."""
+    from engine.streaming import weight_cache
+    from engine.streaming.host_memory import PAGE
+    from engine.streaming.streamer import aligned_empty
+
+    if not _has_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    monkeypatch.setattr(weight_cache, "DIRECT_CHUNK", 2 * PAGE)  # several requests in flight for a small unit
+    data = torch.randint(0, 256, (5 * PAGE + 123,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "w.weights"
+    path.write_bytes(bytes(weight_cache.HEADER_ROOM) + data.numpy().tobytes())
+    memory = weight_cache.FileMemory(path, data.numel())
+    assert memory.direct_reads
+    buffer = aligned_empty(6 * PAGE, pin=False)
+    start = weight_cache.HEADER_ROOM
+    assert memory.read_direct(start + PAGE, 4 * PAGE + 123, buffer)  # to the file's end, not a whole page
+    assert torch.equal(buffer[:4 * PAGE + 123], data[PAGE:])
+    assert memory.read_direct(start, 3 * PAGE - 7, buffer)
+    assert torch.equal(buffer[:3 * PAGE - 7], data[:3 * PAGE - 7])
+    assert memory.direct_bytes == 7 * PAGE + 116
+    assert not memory.read_direct(start, PAGE, buffer[1:])  # unaligned: the caller copies from the mapping
+    assert not memory.read_direct(start + 1, PAGE, buffer)
+    assert memory.direct_reads  # declining a request does not stop direct reads
+    memory.close()
+
+    real_open = os.open
+
+    def no_o_direct(file, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_o_direct)
+    fallback = weight_cache.FileMemory(path, data.numel())
+    assert not fallback.direct_reads and not fallback.read_direct(start, PAGE, buffer)
