@@ -92,7 +92,7 @@ async def _draw(config: Config, settings: EngineSettings, request: GenerationReq
         engine = await start_engine(config, settings, say=say, cluster=False)
     except EngineSetupError as exc:
         say(str(exc))
-        return 1
+        return exc.exit_code
     bar = tqdm(total=request.steps, unit="step", desc="drawing", file=sys.stderr)
 
     def on_event(event: JobEvent) -> None:

@@ -92,7 +92,7 @@ async def _open_cluster(config: Config, say: Callable[[str], object]) -> RemoteE
 
 
 async def _load_local(settings: EngineSettings, say: Callable[[str], object]) -> Engine:
-    from engine.pipeline import FluxPipeline
+    from engine.pipeline import DeviceUnavailable, FluxPipeline
     from engine.weights import WeightsError
     from engine.worker import Engine
 
@@ -102,6 +102,9 @@ async def _load_local(settings: EngineSettings, say: Callable[[str], object]) ->
         await engine.start()
     except WeightsError as exc:
         raise EngineSetupError(str(exc)) from None
+    except DeviceUnavailable as exc:
+        await engine.close(timeout=0)
+        raise EngineSetupError(f"config error: {exc}", exit_code=2) from None
     except Exception as exc:  # no CUDA, out of memory while loading, ...: say it plainly, point at the doctor
         await engine.close(timeout=0)
         raise EngineSetupError(f"cannot load the model: {type(exc).__name__}: {exc}\n"

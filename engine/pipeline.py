@@ -43,11 +43,21 @@ def _drawbot_version() -> str:
         return "drawbot (source)"
 
 
+class DeviceUnavailable(RuntimeError):
+    """The configured device is not on this machine: a set-up problem, `str(exc)` says the fix."""
+
+
 def resolve_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"engine.device = {setting!r} but this torch sees no CUDA GPU ({torch.__version__})")
+        raise DeviceUnavailable(
+            f"engine.device = {setting!r} but this torch sees no CUDA GPU (torch {torch.__version__}): set "
+            f"engine.device = \"auto\" (or \"cpu\"), or check the GPU driver with nvidia-smi")
+    if setting.startswith("cuda:") and setting[5:].isdigit() and int(setting[5:]) >= torch.cuda.device_count():
+        raise DeviceUnavailable(
+            f"engine.device = {setting!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+            f"from 0: set engine.device = \"cuda:0\" or \"auto\"")
     return setting
 
 

@@ -119,3 +119,20 @@ def test_download_without_network_says_so_in_one_line_and_leaves_no_temp_folder(
     [line] = [line for line in done.stderr.splitlines() if line.startswith("drawbot:")]
     assert "cannot download MAILAND/majicflus_v1 from ModelScope" in line and "check the network" in line
     assert not list((tmp_path / "models").rglob("._____temp"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.parametrize("command", [["draw", "a fox", "-o", "fox.png"], ["run"], ["worker", "--device", "cuda:3"]])
+def test_a_gpu_the_machine_lacks_is_a_config_error_in_one_line(tmp_path, models_dir, command):
+    """engine.device = "cuda" (or a worker's --device cuda:3) on a machine whose torch sees no such GPU: exit 2, one
+    line with the fix, no traceback, nothing drawn."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[engine]\nmodel = "tiny"\ndevice = "cuda"\nmodels_dir = "{models_dir}"\n'
+                      f'[cluster]\nredis_url_file = "{tmp_path / "redis-url"}"\n')
+    (tmp_path / "redis-url").write_text("redis://127.0.0.1:1/0\n")
+    done = drawbot(*command, "--config", str(config), cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "config error" in line]
+    assert len(errors) == 1 and "sees no CUDA GPU" in errors[0]
+    assert 'set engine.device = "auto"' in errors[0] or "numbered from 0" in errors[0], errors[0]
+    assert "Traceback" not in done.stderr and not (tmp_path / "fox.png").exists()
