@@ -147,6 +147,7 @@ class SlotPool:
         self.ready: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
         self.free: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(count)]
         self.staging: list[torch.Tensor] = []  # page-locked, made at the first staged copy (file-backed weights)
+        self._staging_memory: HostMemory | None = None
         self.staged: list[Any] = []
         self._next_stage = 0
         self.pending: list[Future | None] = [None] * count  # a staged copy into the slot the reader has not queued yet
@@ -199,9 +200,7 @@ class SlotPool:
         read.ahead()
         with torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext():
             if not self.staging:
-                self.staging = [aligned_empty(page_align(self.slot_bytes), pin=self.cuda)
-                                for _ in range(STAGING_BUFFERS)]
-                self.staged = [torch.cuda.Event() if self.cuda else None for _ in range(STAGING_BUFFERS)]
+                self._make_staging()
             index = self._next_stage
             self._next_stage = (index + 1) % len(self.staging)
             if self.cuda:
@@ -219,6 +218,19 @@ class SlotPool:
                 target.copy_(buffer, non_blocking=True)
                 self.ready[slot].record(self.copy_stream)
                 self.staged[index].record(self.copy_stream)
+
+    def _make_staging(self) -> None:
+        """STAGING_BUFFERS page-aligned buffers of a slot's size (O_DIRECT reads land in them): on a GPU in one
+        anonymous map page-locked as exactly that (torch's pinned allocator would round each up to a power of two:
+        512 MiB for a 320 MiB slot)."""
+        size = page_align(self.slot_bytes)
+        if self.cuda:
+            self._staging_memory = HostMemory(size * STAGING_BUFFERS)
+            self._staging_memory.pin(0, size * STAGING_BUFFERS)
+            self.staging = [self._staging_memory.tensor[i * size:(i + 1) * size] for i in range(STAGING_BUFFERS)]
+        else:
+            self.staging = [aligned_empty(size, pin=False) for _ in range(STAGING_BUFFERS)]
+        self.staged = [torch.cuda.Event() if self.cuda else None for _ in range(STAGING_BUFFERS)]
 
     def _wait_reads(self) -> None:
         for slot, pending in enumerate(self.pending):
