@@ -44,7 +44,7 @@ HIDDEN: Hidden = {"api_visibility": "private"}
 keyword and its value against Gradio's signature)."""
 
 # What a page handler returns for (status, picture, last job); `gr.skip()` (a dict) leaves a component as it is.
-Shown = tuple[str, str | dict[str, Any], str | dict[str, Any]]
+Shown = tuple[str | dict[str, Any], str | dict[str, Any], str | dict[str, Any]]
 
 
 def theme() -> gr.themes.Base:
@@ -74,15 +74,16 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
 
     def shown(update: Update) -> Shown:
         picture = picture_html(update.job, notice) if update.job is not None and update.final else gr.skip()
-        return update.text, picture, (update.job.id if update.job is not None else gr.skip())
+        text = update.text if update.text is not None else gr.skip()  # None: the page's Cancel answered for it
+        return text, picture, (update.job.id if update.job is not None else gr.skip())
 
     async def draw_on_page(prompt: str, seed: float | None, steps: float | None, size: str,
                            request: gr.Request) -> AsyncIterator[Shown]:
-        async for update in drawing.draw(_user(request), prompt, seed, steps, size):
+        async for update in drawing.draw(_user(request), prompt, seed, steps, size, page=request.session_hash):
             yield shown(update)
 
     async def again(action: str, job_id: str | None, request: gr.Request) -> AsyncIterator[Shown]:
-        async for update in drawing.button(_user(request), action, job_id):
+        async for update in drawing.button(_user(request), action, job_id, page=request.session_hash):
             yield shown(update)
 
     async def reroll(job_id: str | None, request: gr.Request) -> AsyncIterator[Shown]:
@@ -94,7 +95,7 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
             yield out
 
     async def cancel(request: gr.Request) -> str:
-        return await drawing.cancel(_user(request))
+        return await drawing.cancel(_user(request), page=request.session_hash)
 
     async def api_draw(prompt: str, seed: float | None, steps: float | None, request: gr.Request) -> str:
         """For gradio_client: the same draw, answered with the PNG file (or the core's refusal as an error)."""
@@ -102,7 +103,7 @@ def build_page(drawing: WebDrawing, config: Config, api_dir: Path) -> gr.Blocks:
         async for update in drawing.draw(_user(request), prompt, seed, steps, SIZES):
             last = update
         if last is None or last.job is None or last.job.status != "done" or last.job.image_path is None:
-            raise gr.Error(last.text if last else replies.DID_NOT_WORK)
+            raise gr.Error(replies.DID_NOT_WORK if last is None or last.text is None else last.text)
         folder = Path(tempfile.mkdtemp(dir=api_dir))
         target = folder / f"drawbot-{last.job.seed}-{last.job.id[:8]}.png"
         shutil.copyfile(last.job.image_path, target)  # Gradio copies it to its cache; this copy is then removed
