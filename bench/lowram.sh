@@ -91,7 +91,7 @@ elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_
   sync; echo 3 > /proc/sys/vm/drop_caches
   python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
   sync; echo 3 > /proc/sys/vm/drop_caches
-  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 190 $S --pictures 2 --weight-cache-dir $WC \
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 170 $S --pictures ${PICTURES:-1} --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
   [ $SECONDS -lt ${BF16_BEFORE:-380} ] || { log "no time left for the bf16 build"; exit 0; }
   log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
