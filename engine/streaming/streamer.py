@@ -18,7 +18,7 @@ from engine import compat
 from engine.streaming.host_memory import PAGE, HostMemory, page_align, return_freed_host_memory
 from engine.streaming.kernels import Upcaster
 from engine.streaming.patches import Patches
-from engine.streaming.weight_cache import FileMemory, WeightCache
+from engine.streaming.weight_cache import DIRECT_AHEAD_BUFFERS, FileMemory, WeightCache
 
 compat.apply()  # before the first diffsynth import
 
@@ -493,15 +493,20 @@ class ModelStreamer:
         next_in_cache = following not in self._dropped or not memory.direct_reads
         ahead = [self.units[i] for i in ((following,) if next_in_cache else ()) + tuple(self._disk_ahead.get(index, ()))]
 
+        by_direct_io = memory.direct_reads
+
         def read_ahead() -> None:
             for later in ahead:
-                memory.prefetch(later.host_offset, later.nbytes)
+                if by_direct_io and later.index in self._dropped:
+                    memory.prefetch_direct(later.host_offset, later.nbytes)
+                else:
+                    memory.prefetch(later.host_offset, later.nbytes)
 
         if index in self._dropped:
             # The drop also covers a direct read that fell back to the mapping (for a direct one it finds nothing).
-            direct = functools.partial(memory.read_direct, unit.host_offset, unit.nbytes) if memory.direct_reads \
+            read_direct = functools.partial(memory.read_direct, unit.host_offset, unit.nbytes) if by_direct_io \
                 else None
-            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes), direct)
+            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes), read_direct)
         return FileRead(read_ahead, lambda: None)
 
     def keep_in_page_cache(self, room: int) -> int:
@@ -519,6 +524,7 @@ class ModelStreamer:
         memory = self.host_memory
         assert isinstance(memory, FileMemory)
         sizes = [page_align(self.units[i].nbytes) for i in self._order]
+        memory.forget_read_ahead()
         through_page_cache = not memory.direct_reads
         if sum(sizes) > room and through_page_cache:
             room -= DISK_READAHEAD_BYTES
@@ -532,9 +538,13 @@ class ModelStreamer:
             ahead, queued = [], 0
             for step in range(1, len(self._order)):
                 later = self._order[(position + step) % len(self._order)]
-                if through_page_cache and later in dropped and queued < DISK_READAHEAD_BYTES:
+                if later not in dropped:
+                    continue
+                if through_page_cache and queued < DISK_READAHEAD_BYTES:
                     ahead.append(later)
                     queued += self.units[later].nbytes
+                elif not through_page_cache and len(ahead) < DIRECT_AHEAD_BUFFERS:
+                    ahead.append(later)  # read with O_DIRECT into a spare buffer while this unit is copied
             self._disk_ahead[index] = ahead
         return sum(sizes[i] for i in kept_indices)
 

@@ -23,7 +23,7 @@ import mmap
 import os
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,6 +47,17 @@ DIRECT_CHUNK = 8 << 20
 """Bytes per O_DIRECT request: large enough for the disk's sequential rate, small enough for several in flight."""
 DIRECT_READERS = 4
 """O_DIRECT requests in flight at once (the queue depth an NVMe or a virtual disk needs for its full rate)."""
+
+
+DIRECT_AHEAD_BUFFERS = 2
+"""Disk units read ahead with O_DIRECT while earlier units are copied (each buffer a unit's size: 2 x 320 MiB of
+anonymous memory for the DiT, counted in what the process holds)."""
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % PAGE
+    return raw[start:start + nbytes]
 
 
 class WeightCacheError(Exception):
@@ -100,6 +111,9 @@ class FileMemory:
         self._direct_fd: int | None = None
         self._direct_pool: ThreadPoolExecutor | None = None
         self._direct_lock = threading.Lock()
+        self._ahead: dict[int, tuple[torch.Tensor, list[Future], int]] = {}  # offset -> (buffer, reads, nbytes)
+        self._spare: list[torch.Tensor] = []  # read-ahead buffers not in use
+        self._ahead_lock = threading.Lock()  # the reader thread reads ahead; a new plan (another thread) forgets
         self.direct_reads = USE_DIRECT_IO and hasattr(os, "O_DIRECT") and self._open_direct()
         """Whether `read_direct` can read this file past the page cache."""
         self.direct_bytes = 0
@@ -137,31 +151,94 @@ class FileMemory:
 
     def read_direct(self, offset: int, nbytes: int, into: torch.Tensor) -> bool:
         """Read these bytes from the disk into `into` (a CPU uint8 tensor, page-aligned, at least `nbytes` rounded
-        up to a page) with O_DIRECT, DIRECT_READERS requests at a time; they do not enter the page cache. False when
-        that cannot be done here (no O_DIRECT, an unaligned buffer or offset, the file system refused the read:
-        then it stops trying for this file), and the caller copies from the mapping."""
+        up to a page) with O_DIRECT, DIRECT_READERS requests at a time; they do not enter the page cache. Bytes
+        `prefetch_direct` asked for are waited for and copied instead. False when that cannot be done here (no
+        O_DIRECT, an unaligned buffer or offset, the file system refused the read: then it stops trying for this
+        file), and the caller copies from the mapping."""
         length = page_align(nbytes)
         if (not self.direct_reads or offset % PAGE or into.data_ptr() % PAGE or into.numel() < length
                 or into.device.type != "cpu" or into.dtype != torch.uint8):
             return False
-        view = into.numpy().data.cast("B")[:length]
+        with self._ahead_lock:
+            ahead = self._ahead.pop(offset, None)
+        try:
+            if ahead is not None and ahead[2] == nbytes:
+                buffer, reads, _ = ahead
+                for read in reads:
+                    read.result()
+                into[:nbytes].copy_(buffer[:nbytes])
+                with self._ahead_lock:
+                    self._spare.append(buffer)
+            else:
+                if ahead is not None:
+                    spare = self._finish(ahead)
+                    with self._ahead_lock:
+                        self._spare.append(spare)
+                for read in self._submit(offset, nbytes, into):
+                    read.result()
+        except OSError as exc:
+            self._give_up(exc)
+            return False
+        self.direct_bytes += nbytes
+        return True
+
+    def prefetch_direct(self, offset: int, nbytes: int) -> None:
+        """Start reading these bytes with O_DIRECT into a spare buffer now, so the disk keeps reading while the
+        reader copies units from the page cache; `read_direct` of the same range then only waits for what is still
+        coming and copies. At most DIRECT_AHEAD_BUFFERS ranges are under way: beyond that the request is skipped
+        (evicting one would throw away the read of a unit that is about to be used)."""
+        with self._ahead_lock:
+            self._prefetch_direct(offset, nbytes)
+
+    def _prefetch_direct(self, offset: int, nbytes: int) -> None:
+        if not self.direct_reads or offset % PAGE or offset in self._ahead or len(self._ahead) >= DIRECT_AHEAD_BUFFERS:
+            return
+        length = page_align(nbytes)
+        try:
+            buffer = next((b for b in self._spare if b.numel() >= length), None)
+            if buffer is None:
+                buffer = _page_aligned(length)
+                if self._spare:  # too small for this unit: replaced
+                    self._spare.pop(0)
+            else:
+                self._spare.remove(buffer)
+            self._ahead[offset] = (buffer, self._submit(offset, nbytes, buffer), nbytes)
+        except OSError as exc:
+            self._give_up(exc)
+
+    def forget_read_ahead(self) -> None:
+        """A new plan: wait for the reads ahead and let their buffers go (the next ones are made to size)."""
+        with self._ahead_lock:
+            aheads = list(self._ahead.values())
+            self._ahead.clear()
+            self._spare.clear()
+        for ahead in aheads:
+            self._finish(ahead)
+
+    def _submit(self, offset: int, nbytes: int, into: torch.Tensor) -> list[Future]:
         with self._direct_lock:
             if self._direct_pool is None:
                 self._direct_pool = ThreadPoolExecutor(DIRECT_READERS, thread_name_prefix="weight-disk")
             pool = self._direct_pool
-        starts = range(0, length, DIRECT_CHUNK)
-        try:
-            reads = [pool.submit(self._pread, view[start:start + DIRECT_CHUNK], offset + start,
-                                 min(DIRECT_CHUNK, nbytes - start)) for start in starts if start < nbytes]
-            for read in reads:
+        view = into.numpy().data.cast("B")[:page_align(nbytes)]
+        return [pool.submit(self._pread, view[start:start + DIRECT_CHUNK], offset + start,
+                            min(DIRECT_CHUNK, nbytes - start)) for start in range(0, nbytes, DIRECT_CHUNK)]
+
+    @staticmethod
+    def _finish(ahead: tuple[torch.Tensor, list[Future], int]) -> torch.Tensor:
+        """Wait for a read-ahead nobody will use (its buffer is about to be written again); its buffer."""
+        buffer, reads, _ = ahead
+        for read in reads:
+            try:
                 read.result()
-        except OSError as exc:
-            self.direct_reads = False
-            log.warning("O_DIRECT reads of %s failed (%s): reading through the page cache from now on", self.path,
-                        exc.strerror or exc)
-            return False
-        self.direct_bytes += nbytes
-        return True
+            except OSError:
+                pass
+        return buffer
+
+    def _give_up(self, exc: OSError) -> None:
+        self.direct_reads = False
+        log.warning("O_DIRECT reads of %s failed (%s): reading through the page cache from now on", self.path,
+                    exc.strerror or exc)
 
     def _pread(self, view: memoryview, position: int, needed: int) -> None:
         """Fill `view` from `position`; at least `needed` bytes must come (the rest may lie past the file's end)."""
@@ -176,6 +253,7 @@ class FileMemory:
 
     def close(self) -> None:
         """Stop the O_DIRECT readers and close the file's descriptors (the mapping stays until collected)."""
+        self.forget_read_ahead()
         if self._direct_pool is not None:
             self._direct_pool.shutdown()
             self._direct_pool = None

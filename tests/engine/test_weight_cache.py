@@ -196,7 +196,11 @@ def test_streamed_units_beyond_the_page_cache_room_are_read_from_the_disk_and_dr
         assert sum(_cached_fraction(path, u.host_offset, u.nbytes) == 0 for u in dropped) >= len(dropped) - 1
     assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in held)
 
-    assert all(not ahead for ahead in dit._disk_ahead.values())
+    order = dit._order
+    for position, index in enumerate(order):  # read ahead: the next disk units with O_DIRECT, none through the cache
+        upcoming = [order[(position + step) % len(order)] for step in range(1, len(order))]
+        coming = [i for i in upcoming if i in dit._dropped][:weight_cache.DIRECT_AHEAD_BUFFERS] if direct else []
+        assert dit._disk_ahead[index] == coming
     filed.streaming.keep_in_page_cache(1 << 40)  # room for everything: nothing dropped, all read into the cache
     assert dit.dropped_bytes == 0
     assert _picture(filed, "a lynx in snow") == expected
@@ -308,6 +312,19 @@ def test_direct_reads_give_the_mapped_bytes_and_fall_back_where_they_cannot(tmp_
     assert not memory.read_direct(start, PAGE, buffer[1:])  # unaligned: the caller copies from the mapping
     assert not memory.read_direct(start + 1, PAGE, buffer)
     assert memory.direct_reads  # declining a request does not stop direct reads
+    # Read ahead: started now, waited for and copied by the read of the same range; beyond the buffers a request
+    # is skipped (that range is read when asked); a range read ahead at another length is read again.
+    ranges = [(start + i * PAGE, PAGE + 11 * i) for i in range(weight_cache.DIRECT_AHEAD_BUFFERS + 1)]
+    for offset, nbytes in ranges:
+        memory.prefetch_direct(offset, nbytes)
+    assert list(memory._ahead) == [offset for offset, _ in ranges[:-1]]
+    for offset, nbytes in reversed(ranges):
+        buffer.zero_()
+        assert memory.read_direct(offset, nbytes, buffer)
+        assert torch.equal(buffer[:nbytes], data[offset - start:offset - start + nbytes])
+    memory.prefetch_direct(start, 2 * PAGE)
+    assert memory.read_direct(start, PAGE + 5, buffer) and torch.equal(buffer[:PAGE + 5], data[:PAGE + 5])
+    assert not memory._ahead
     memory.close()
 
     real_open = os.open
