@@ -13,12 +13,44 @@ import argparse
 import json
 import mmap
 import time
+from typing import Callable
 
 import torch
+
+from engine.streaming.host_memory import page_aligned_empty
 
 CHUNK = 64 << 20
 DIRECT_UNIT = 320 << 20
 """About one DiT double block, the size of a unit the engine reads from the disk."""
+
+
+def to_gpu(total: int, unit: int, fill: Callable[[torch.Tensor, int], None]) -> float:
+    """`total` bytes, `unit` at a time: `fill(buffer, offset)` writes each into one of two page-aligned, page-locked
+    staging buffers, which is then copied to the GPU on a side stream (the reader thread's path). Seconds taken."""
+    cuda = torch.cuda.is_available()
+    staging = [page_aligned_empty(unit, pin=cuda) for _ in range(2)]
+    done = [torch.cuda.Event() for _ in staging] if cuda else []
+    target = torch.empty(unit, dtype=torch.uint8, device="cuda" if cuda else "cpu")
+    stream = torch.cuda.Stream() if cuda else None
+    started = time.perf_counter()
+    for number, offset in enumerate(range(0, total, unit)):
+        index = number % 2
+        if cuda:
+            done[index].synchronize()
+        fill(staging[index], offset)
+        if cuda:
+            with torch.cuda.stream(stream):
+                target.copy_(staging[index], non_blocking=True)
+                done[index].record(stream)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def report(args, total: int, seconds: float, **extra) -> int:
+    print(json.dumps({"label": args.label, "path": args.path, "bytes": total, "seconds": round(seconds, 3),
+                      "GBps": round(total / seconds / 1e9, 3), **extra}), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,67 +66,30 @@ def main(argv: list[str] | None = None) -> int:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mapped, dtype=torch.uint8)
         total = min(data.numel(), int(args.gib * 2**30)) // CHUNK * CHUNK
-        cuda = torch.cuda.is_available()
-        staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-        done = [torch.cuda.Event() for _ in staging] if cuda else []
-        target = torch.empty(CHUNK, dtype=torch.uint8, device="cuda" if cuda else "cpu")
-        stream = torch.cuda.Stream() if cuda else None
-        started = time.perf_counter()
-        for number, offset in enumerate(range(0, total, CHUNK)):
-            index = number % 2
-            if cuda:
-                done[index].synchronize()
-            staging[index].copy_(data[offset:offset + CHUNK])
-            if cuda:
-                with torch.cuda.stream(stream):
-                    target.copy_(staging[index], non_blocking=True)
-                    done[index].record(stream)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        seconds = to_gpu(total, CHUNK, lambda buffer, offset: buffer.copy_(data[offset:offset + CHUNK]))
         del data
-    print(json.dumps({"label": args.label, "path": args.path, "bytes": total, "seconds": round(seconds, 3),
-                      "GBps": round(total / seconds / 1e9, 3)}), flush=True)
-    return 0
+    return report(args, total, seconds)
 
 
 def direct(args) -> int:
-    """Units of DIRECT_UNIT bytes through `FileMemory.read_direct` into two page-locked buffers, each then copied to
-    the GPU on a side stream (the reader thread's path for a disk unit)."""
+    """Units of DIRECT_UNIT bytes through `FileMemory.read_direct` (the engine's way for a disk unit)."""
     import os
 
-    from engine.streaming.streamer import aligned_empty
     from engine.streaming.weight_cache import HEADER_ROOM, FileMemory
 
-    unit = DIRECT_UNIT
     size = os.path.getsize(args.path)
     memory = FileMemory(args.path, size - HEADER_ROOM)
     if not memory.direct_reads:
         raise SystemExit(f"{args.path}: no O_DIRECT on this file system")
-    total = min(size - HEADER_ROOM, int(args.gib * 2**30)) // unit * unit
-    cuda = torch.cuda.is_available()
-    staging = [aligned_empty(unit, pin=cuda) for _ in range(2)]
-    done = [torch.cuda.Event() for _ in staging] if cuda else []
-    target = torch.empty(unit, dtype=torch.uint8, device="cuda" if cuda else "cpu")
-    stream = torch.cuda.Stream() if cuda else None
-    started = time.perf_counter()
-    for number, offset in enumerate(range(0, total, unit)):
-        index = number % 2
-        if cuda:
-            done[index].synchronize()
-        if not memory.read_direct(HEADER_ROOM + offset, unit, staging[index]):
+    total = min(size - HEADER_ROOM, int(args.gib * 2**30)) // DIRECT_UNIT * DIRECT_UNIT
+
+    def fill(buffer: torch.Tensor, offset: int) -> None:
+        if not memory.read_direct(HEADER_ROOM + offset, DIRECT_UNIT, buffer):
             raise SystemExit("an O_DIRECT read failed")
-        if cuda:
-            with torch.cuda.stream(stream):
-                target.copy_(staging[index], non_blocking=True)
-                done[index].record(stream)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+
+    seconds = to_gpu(total, DIRECT_UNIT, fill)
     memory.close()
-    print(json.dumps({"label": args.label, "path": args.path, "bytes": total, "seconds": round(seconds, 3),
-                      "GBps": round(total / seconds / 1e9, 3), "direct": True}), flush=True)
-    return 0
+    return report(args, total, seconds, direct=True)
 
 
 if __name__ == "__main__":

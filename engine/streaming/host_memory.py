@@ -70,6 +70,13 @@ def page_align(nbytes: int) -> int:
     return (nbytes + PAGE - 1) // PAGE * PAGE
 
 
+def page_aligned_empty(nbytes: int, *, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer of `nbytes` starting on a page boundary (O_DIRECT reads need one); page-locked when `pin`."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+    start = (-raw.data_ptr()) % PAGE
+    return raw[start:start + nbytes]
+
+
 def _unregister_all(base: int, pinned: dict[int, int]) -> None:
     for offset in list(pinned):
         try:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from engine import compat
-from engine.streaming.host_memory import PAGE, HostMemory, page_align, return_freed_host_memory
+from engine.streaming.host_memory import HostMemory, page_align, page_aligned_empty, return_freed_host_memory
 from engine.streaming.kernels import Upcaster
 from engine.streaming.patches import Patches
 from engine.streaming.weight_cache import DIRECT_AHEAD_BUFFERS, FileMemory, WeightCache
@@ -52,13 +52,6 @@ class FileRead:
     direct: Callable[[torch.Tensor], bool] | None = None
     """Reads the unit from the disk straight into a page-aligned staging buffer (O_DIRECT, past the page cache);
     False when it cannot, and the unit is copied from the mapping instead. None: a unit kept in the page cache."""
-
-
-def aligned_empty(nbytes: int, *, pin: bool) -> torch.Tensor:
-    """A uint8 buffer of `nbytes` starting on a page boundary (O_DIRECT reads need one); page-locked when `pin`."""
-    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
-    start = (-raw.data_ptr()) % PAGE
-    return raw[start:start + nbytes]
 
 
 def _align(nbytes: int) -> int:
@@ -229,7 +222,7 @@ class SlotPool:
             self._staging_memory.pin(0, size * STAGING_BUFFERS)
             self.staging = [self._staging_memory.tensor[i * size:(i + 1) * size] for i in range(STAGING_BUFFERS)]
         else:
-            self.staging = [aligned_empty(size, pin=False) for _ in range(STAGING_BUFFERS)]
+            self.staging = [page_aligned_empty(size) for _ in range(STAGING_BUFFERS)]
         self.staged = [torch.cuda.Event() if self.cuda else None for _ in range(STAGING_BUFFERS)]
 
     def _wait_reads(self) -> None:
@@ -489,11 +482,10 @@ class ModelStreamer:
         memory = self.host_memory
         assert isinstance(memory, FileMemory)
         unit = self.units[index]
-        # The next unit through the page cache (a disk unit read with O_DIRECT would only be read twice).
-        next_in_cache = following not in self._dropped or not memory.direct_reads
-        ahead = [self.units[i] for i in ((following,) if next_in_cache else ()) + tuple(self._disk_ahead.get(index, ()))]
-
         by_direct_io = memory.direct_reads
+        # The next unit through the page cache (a disk unit read with O_DIRECT would only be read twice).
+        next_in_cache = following not in self._dropped or not by_direct_io
+        ahead = [self.units[i] for i in ((following,) if next_in_cache else ()) + tuple(self._disk_ahead.get(index, ()))]
 
         def read_ahead() -> None:
             for later in ahead:

@@ -9,9 +9,10 @@ then renamed, so a crash or a full disk leaves no partial cache), reused at ever
 and rebuilt when a source file changed or the file is truncated or foreign.
 
 Units read from the disk at every pass (those beyond the page cache's room) are read with O_DIRECT, in parallel
-chunks, straight into the page-locked staging buffer: the page cache is not churned (no reclaim in a full memory
-cgroup, nothing to drop afterwards) and the disk sees several large requests at once, which is what reaches its
-sequential rate. Where the file system refuses O_DIRECT, they are copied from the mapping instead."""
+chunks, into the page-locked staging buffer, or ahead of time into a spare buffer while earlier units are copied:
+the page cache is not churned (no reclaim in a full memory cgroup, nothing to drop afterwards) and the disk sees
+several large requests at once, which is what reaches its sequential rate. Where the file system refuses O_DIRECT,
+they are copied from the mapping instead."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.streaming.host_memory import PAGE, page_align
+from engine.streaming.host_memory import PAGE, page_align, page_aligned_empty
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ DIRECT_READERS = 4
 DIRECT_AHEAD_BUFFERS = 2
 """Disk units read ahead with O_DIRECT while earlier units are copied (each buffer a unit's size: 2 x 320 MiB of
 anonymous memory for the DiT, counted in what the process holds)."""
-
-
-def _page_aligned(nbytes: int) -> torch.Tensor:
-    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % PAGE
-    return raw[start:start + nbytes]
 
 
 class WeightCacheError(Exception):
@@ -109,8 +104,7 @@ class FileMemory:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[HEADER_ROOM:HEADER_ROOM + nbytes]
         self._released: dict[int, int] = {}
         self._direct_fd: int | None = None
-        self._direct_pool: ThreadPoolExecutor | None = None
-        self._direct_lock = threading.Lock()
+        self._direct_pool: ThreadPoolExecutor | None = None  # made with the descriptor; threads start on first use
         self._ahead: dict[int, tuple[torch.Tensor, list[Future], int]] = {}  # offset -> (buffer, reads, nbytes)
         self._spare: list[torch.Tensor] = []  # read-ahead buffers not in use
         self._ahead_lock = threading.Lock()  # the reader thread reads ahead; a new plan (another thread) forgets
@@ -122,6 +116,7 @@ class FileMemory:
     def _open_direct(self) -> bool:
         try:
             self._direct_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            self._direct_pool = ThreadPoolExecutor(DIRECT_READERS, thread_name_prefix="weight-disk")
         except OSError as exc:  # tmpfs on older kernels, some network and FUSE file systems
             log.info("the disk reads of %s go through the page cache (no O_DIRECT there: %s)", self.path,
                      exc.strerror or exc)
@@ -197,7 +192,7 @@ class FileMemory:
         try:
             buffer = next((b for b in self._spare if b.numel() >= length), None)
             if buffer is None:
-                buffer = _page_aligned(length)
+                buffer = page_aligned_empty(length)
                 if self._spare:  # too small for this unit: replaced
                     self._spare.pop(0)
             else:
@@ -216,10 +211,9 @@ class FileMemory:
             self._finish(ahead)
 
     def _submit(self, offset: int, nbytes: int, into: torch.Tensor) -> list[Future]:
-        with self._direct_lock:
-            if self._direct_pool is None:
-                self._direct_pool = ThreadPoolExecutor(DIRECT_READERS, thread_name_prefix="weight-disk")
-            pool = self._direct_pool
+        pool = self._direct_pool
+        if pool is None:
+            raise OSError(errno.EBADF, "closed")
         view = into.numpy().data.cast("B")[:page_align(nbytes)]
         return [pool.submit(self._pread, view[start:start + DIRECT_CHUNK], offset + start,
                             min(DIRECT_CHUNK, nbytes - start)) for start in range(0, nbytes, DIRECT_CHUNK)]

@@ -292,7 +292,7 @@ def test_direct_reads_give_the_mapped_bytes_and_fall_back_where_they_cannot(tmp_
     declines an unaligned buffer, and on a file system without O_DIRECT the pipeline reads through the page cache."""
     from engine.streaming import weight_cache
     from engine.streaming.host_memory import PAGE
-    from engine.streaming.streamer import aligned_empty
+    from engine.streaming.host_memory import page_aligned_empty
 
     if not _has_o_direct(tmp_path):
         pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
@@ -302,7 +302,7 @@ def test_direct_reads_give_the_mapped_bytes_and_fall_back_where_they_cannot(tmp_
     path.write_bytes(bytes(weight_cache.HEADER_ROOM) + data.numpy().tobytes())
     memory = weight_cache.FileMemory(path, data.numel())
     assert memory.direct_reads
-    buffer = aligned_empty(6 * PAGE, pin=False)
+    buffer = page_aligned_empty(6 * PAGE)
     start = weight_cache.HEADER_ROOM
     assert memory.read_direct(start + PAGE, 4 * PAGE + 123, buffer)  # to the file's end, not a whole page
     assert torch.equal(buffer[:4 * PAGE + 123], data[PAGE:])
