@@ -7,9 +7,10 @@
 #                            cgroup with a warm, then a dropped page cache
 #   bash bench/lowram.sh b   (a fresh machine) the files again; the pinned engine (no limit, every size); the
 #                            file-backed engine at 8 GB in 10 GiB (warm, cold) and at 12 GB in an 8 GiB cgroup
-#   bash bench/lowram.sh c   the first build from a bf16 DiT file (10 GiB cgroup), after a, b or e
+#   bash bench/lowram.sh c   the first build from a bf16 DiT file (10 GiB cgroup); any machine
 #   bash bench/lowram.sh f   (a fresh machine) the files; read rates mapped and O_DIRECT; the file-backed engine in
-#                            10 GiB from a dropped page cache; the first build from a bf16 DiT file
+#                            10 GiB, warm page cache and empty compile cache, then dropped page cache; the first
+#                            build from a bf16 DiT file if time is left (else `c` on the same files)
 #   bash bench/lowram.sh e   (a fresh machine) the files again; every size twice on the pinned engine from an empty
 #                            compile cache; the file-backed engine in 10 GiB from a dropped page cache
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
@@ -82,7 +83,10 @@ elif [ "$1" = e ]; then  # a fresh machine: the files; every size twice on the p
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures 2 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
 elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_DIRECT); the file-backed engine in
-  # 10 GiB from a dropped page cache (disk units read with O_DIRECT); then the first build from a bf16 DiT file
+  # 10 GiB, first from a warm page cache and an empty compile cache (a first start), then from a dropped page cache
+  # with the compile cache warm (every later start: the unit keeps it in /var/cache/drawbot), disk units read with
+  # O_DIRECT; then, if time is left, the first build from a bf16 DiT file
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
   build
   cat $WC/dit.weights > /dev/null
   python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
@@ -90,10 +94,13 @@ elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_
   python3 -m bench.read_rate $WC/dit.weights --label cold --gib 4 | tee $OUT/read_cold.json
   sync; echo 3 > /proc/sys/vm/drop_caches
   python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
+  cat $WC/*.weights > /dev/null
+  log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file8_warm.json
   sync; echo 3 > /proc/sys/vm/drop_caches
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 170 $S --pictures ${PICTURES:-1} --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
-  [ $SECONDS -lt ${BF16_BEFORE:-380} ] || { log "no time left for the bf16 build"; exit 0; }
+  [ $SECONDS -lt ${BF16_BEFORE:-400} ] || { log "no time left for the bf16 build"; exit 0; }
   log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
   timeout 120 python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1
   sync; echo 3 > /proc/sys/vm/drop_caches
@@ -104,9 +111,8 @@ elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed 
   sync; echo 3 > /proc/sys/vm/drop_caches
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures 2 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
-else  # c: the first build from a bf16 DiT file (after a or b, on the same machine)
-  log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
-  python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1
+else  # c: the first build from a bf16 DiT file (the other files written too on a fresh machine)
+  log bf16-dit; python3 -m bench.weights --models-dir $FS --dit-dtype bf16 2>&1 | tail -1
   sync; echo 3 > /proc/sys/vm/drop_caches
   log build-bf16; in_cgroup build_bf16 10 timeout 120 python3 -m bench.cache_build --models-dir $FS \
     --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
