@@ -11,6 +11,8 @@
 #   bash bench/lowram.sh f   (a fresh machine) the files; read rates mapped and O_DIRECT; the file-backed engine in
 #                            10 GiB, warm page cache and empty compile cache, then dropped page cache; the first
 #                            build from a bf16 DiT file if time is left (else `c` on the same files)
+#   bash bench/lowram.sh g   (a fresh machine) the 12 GB card: the pinned engine, then the file-backed one in an
+#                            8 GiB cgroup from a dropped, then a warm page cache
 #   bash bench/lowram.sh e   (a fresh machine) the files again; every size twice on the pinned engine from an empty
 #                            compile cache; the file-backed engine in 10 GiB from a dropped page cache
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
@@ -106,6 +108,22 @@ elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_
   sync; echo 3 > /proc/sys/vm/drop_caches
   log build-bf16; in_cgroup build_bf16 10 timeout 100 python3 -m bench.cache_build --models-dir $FS \
     --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
+elif [ "$1" = g ]; then  # a fresh machine: the 12 GB card (8 GiB cgroup) beside the pinned engine at 12 GB, the
+  # file-backed one from a dropped page cache, then warm (compile cache warm from the pinned run for both)
+  build
+  cat $WC/dit.weights > /dev/null
+  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
+  S12="python3 -m bench.startup --models-dir $FS --budget 12"
+  log pinned12; timeout 150 $S12 --host-ram-budget 64 --pictures 1 --out $OUT/pinned12.json 2>&1 \
+    | grep -E '^\{|compiled|ready' | tee $OUT/pinned12.log
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout 150 $S12 --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file12_cold.json
+  cat $WC/*.weights > /dev/null
+  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file12_warm.json
 elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed engine from a dropped page cache
   build
   sync; echo 3 > /proc/sys/vm/drop_caches

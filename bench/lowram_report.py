@@ -51,25 +51,34 @@ def summarize(folder: Path) -> dict:
     direct_cold_rate = (_lines(folder / "read_cold_direct.json") or [{}])[0].get("GBps")
     # The disk's rate: the better of the two ways of reading it (a floor is what the disk can do, not our path).
     cold_rate = max([r for r in (mapped_cold_rate, direct_cold_rate) if r], default=None)
-    runs: dict = {"pinned": {"s_per_step": _event(pinned, "picture").get("s_per_step"),
+    runs: dict = {}
+    # The 8 GB card (10 GiB cgroup; names as lowram.sh a-f write them), and the 12 GB one (8 GiB cgroup, `g`) when run.
+    for card, pinned_name, file_json, log_prefix in (("8", "pinned", "file8", "file"), ("12", "pinned12", "file12", "file12")):
+        pinned = (_lines(folder / f"{pinned_name}{'8' if card == '8' else ''}.json")
+                  or _lines(folder / f"{pinned_name}.log"))  # the log when it did not finish
+        if card == "12" and not (pinned or (folder / f"{file_json}_cold.json").is_file()):
+            continue
+        runs[pinned_name] = {"card_gb": int(card), "s_per_step": _event(pinned, "picture").get("s_per_step"),
                              "load_s": _event(pinned, "loaded").get("seconds"),
                              "pinned_gib": _event(pinned, "loaded").get("pinned_gib"),
                              "rss_anon_gib": _event(pinned, "loaded").get("rssanon_gib"),
-                             "peak_rss_gib": _event(pinned, "picture").get("peak_rss_gib")}}
-    for name in ("file_warm", "file_cold"):
-        events = _lines(folder / f"file8_{name.split('_')[1]}.json") or _lines(folder / f"{name}.log")
-        loaded, picture = _event(events, "loaded"), _event(events, "picture")
-        memory = (_lines(folder / f"{name}.mem.json") or [{}])[0]
-        streamed, from_disk = loaded.get("dit_streamed_gib"), loaded.get("dit_from_disk_gib") or 0.0
-        rate = cold_rate if from_disk else warm_rate
-        # Per step: the units kept in the page cache at its rate, the rest at the disk's.
-        floor = ((streamed - from_disk) * GIB / (warm_rate * 1e9) + from_disk * GIB / (cold_rate * 1e9)
-                 if streamed is not None and warm_rate and cold_rate else None)
-        runs[name] = {"s_per_step": picture.get("s_per_step"), "picture_s": picture.get("seconds"),
-                      "load_s": loaded.get("seconds"), "dit_streamed_gib": streamed, "read_GBps": rate,
-                      "floor_s": floor, "pinned_gib": picture.get("pinned_gib", loaded.get("pinned_gib")),
-                      "rss_anon_gib": picture.get("rssanon_gib"), "peak_rss_gib": picture.get("peak_rss_gib"),
-                      **memory}
+                             "peak_rss_gib": _event(pinned, "picture").get("peak_rss_gib")}
+        for kind in ("warm", "cold"):
+            name = f"{log_prefix}_{kind}"
+            events = _lines(folder / f"{file_json}_{kind}.json") or _lines(folder / f"{name}.log")
+            loaded, picture = _event(events, "loaded"), _event(events, "picture")
+            memory = (_lines(folder / f"{name}.mem.json") or [{}])[0]
+            streamed, from_disk = loaded.get("dit_streamed_gib"), loaded.get("dit_from_disk_gib") or 0.0
+            rate = cold_rate if from_disk else warm_rate
+            # Per step: the units kept in the page cache at its rate, the rest at the disk's.
+            floor = ((streamed - from_disk) * GIB / (warm_rate * 1e9) + from_disk * GIB / (cold_rate * 1e9)
+                     if streamed is not None and warm_rate and cold_rate else None)
+            runs[name] = {"card_gb": int(card), "pinned_run": pinned_name, "s_per_step": picture.get("s_per_step"),
+                          "picture_s": picture.get("seconds"), "load_s": loaded.get("seconds"),
+                          "dit_streamed_gib": streamed, "dit_from_disk_gib": from_disk, "read_GBps": rate,
+                          "floor_s": floor, "pinned_gib": picture.get("pinned_gib", loaded.get("pinned_gib")),
+                          "rss_anon_gib": picture.get("rssanon_gib"), "peak_rss_gib": picture.get("peak_rss_gib"),
+                          **memory}
     builds = {}
     for label in ("float8", "bf16"):
         build = next((e for e in _lines(folder / f"build_{label}.json") if "total_s" in e), {})
@@ -93,14 +102,15 @@ def summarize(folder: Path) -> dict:
 
 def table(summary: dict) -> str:
     runs = summary["runs"]
-    pinned_step = runs["pinned"]["s_per_step"]
     rows = ["| run | s/step | floor s | vs max(pinned, floor) | load s | anon max GiB | file max GiB | pinned GiB | "
             "cgroup peak GiB | oom |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
+        # Against the larger of the same card's pinned step and the transfer floor.
+        pinned_step = runs.get(run.get("pinned_run", name), {}).get("s_per_step")
         bound = max([v for v in (pinned_step, run.get("floor_s")) if v is not None], default=None)
         ratio = run["s_per_step"] / bound if run.get("s_per_step") and bound else None
         rows.append(f"| {name} | {_fmt(run.get('s_per_step'))} | {_fmt(run.get('floor_s'))} | "
-                    f"{_fmt(ratio, 2) if name != 'pinned' else '-'} | {_fmt(run.get('load_s'), 1)} | "
+                    f"{_fmt(ratio, 2) if 'pinned_run' in run else '-'} | {_fmt(run.get('load_s'), 1)} | "
                     f"{_fmt(run.get('anon_max_gib', run.get('rss_anon_gib')), 2)} | {_fmt(run.get('file_max_gib'), 2)} | "
                     f"{_fmt(run.get('pinned_gib'), 2)} | {_fmt(run.get('cgroup_peak_gib'), 2)} | "
                     f"{_fmt(run.get('oom_kill'))} |")
