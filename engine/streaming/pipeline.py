@@ -339,6 +339,9 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         torch_compile = reason is None
     if torch_compile:
         streaming.set_torch_compile(True, backend=compile_backend)
+    # Installed before the start-up generations so that the shape-generic one reuses the calibration's prompt
+    # embedding instead of streaming T5 again (on the file-backed path: 4.4 GiB less read from the disk per start).
+    prompt_cache = install_prompt_cache(pipe, patches=streaming.patches)
 
     def calibrate() -> None:
         pipe(prompt="calibration", seed=0, num_inference_steps=1, width=width, height=height,
@@ -352,6 +355,8 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
              progress_bar_cmd=lambda steps: steps)
 
     def first_generation() -> None:
+        if prompt_cache is not None:
+            prompt_cache.clear()  # the calibration runs the text encoders: their memory is in the plan's peak
         started = time.monotonic()
         if torch.device(device).type == "cuda":
             streaming.plan(budget_gb, calibrate, width=width, height=height, margin_gb=margin_gb)
@@ -374,5 +379,6 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     if streaming.torch_compiled:
         log.info("DiT blocks compiled (torch.compile) at start-up, exact and shape-generic graphs: %.1f s "
                  "(%d graphs)", seconds.calibration + seconds.warmup, compiled_graphs())
-    install_prompt_cache(pipe, patches=streaming.patches)
+    if prompt_cache is not None:
+        prompt_cache.clear()
     return streaming

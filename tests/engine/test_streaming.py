@@ -385,6 +385,32 @@ def test_a_failed_compilation_falls_back_to_eager_blocks(stream_settings, diffsy
     assert np.array_equal(draw(pipe, prompt), draw(diffsynth_reference, prompt))
 
 
+def test_the_start_up_generations_run_t5_once(stream_settings, diffsynth_reference):
+    """The shape-generic warm-up reuses the calibration's prompt embedding: T5 (streamed, on the file-backed path
+    read from the disk) runs once per start, not twice; users' prompts still run it."""
+    from engine.pipeline import _from_pretrained, locate_model, plan_memory
+    from engine.streaming import enable_streaming
+
+    files, _ = locate_model(stream_settings)
+    pipe = _from_pretrained(files, plan_memory(stream_settings, "cpu"), "cpu")
+    t5_calls: list[int] = []
+    handle = pipe.text_encoder_2.encoder.block[0].register_forward_hook(lambda *a: t5_calls.append(1))
+    try:
+        streaming = enable_streaming(pipe, device="cpu", budget_gb=8, width=64, height=64, torch_compile=True,
+                                     compile_backend="eager")
+        try:
+            assert streaming.torch_compiled and streaming.startup_seconds.warmup > 0  # both generations ran
+            assert len(t5_calls) == 1
+            prompt = "a cat after a frugal start"
+            picture = draw(pipe, prompt)
+            assert len(t5_calls) == 2
+        finally:
+            streaming.set_torch_compile(False)
+    finally:
+        handle.remove()
+    assert np.array_equal(picture, draw(diffsynth_reference, prompt))
+
+
 def test_tiled_decode_switch_reaches_the_vae(stream_pipeline, streaming):
     pipe = stream_pipeline.pipe
     untiled = draw(pipe, "a fox, decode check")
