@@ -47,6 +47,12 @@ build() {
   log build-float8; in_cgroup build_float8 10 timeout 100 python3 -m bench.cache_build --models-dir $FS \
     --cache-dir $WC --label float8 | grep '^{' > $OUT/build_float8.json
 }
+build_bf16() {  # the first weight-cache build from a bf16 DiT file (bench.weights rewrites a DiT of another dtype)
+  log bf16-dit; timeout 150 python3 -m bench.weights --models-dir $FS --dit-dtype bf16 2>&1 | tail -1
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log build-bf16; in_cgroup build_bf16 10 timeout 120 python3 -m bench.cache_build --models-dir $FS \
+    --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
+}
 file_runs() {  # file_runs PICTURES: the file-backed engine at 8 GB in a 10 GiB cgroup, warm then dropped page cache
   cat $WC/*.weights > /dev/null  # a warm page cache (as after a previous run of the bot)
   log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures $1 --weight-cache-dir $WC \
@@ -103,11 +109,7 @@ elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 170 $S --pictures ${PICTURES:-1} --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
   [ $SECONDS -lt ${BF16_BEFORE:-400} ] || { log "no time left for the bf16 build"; exit 0; }
-  log bf16-dit; rm -f $FS/MAILAND/majicflus_v1/majicflus_v134.safetensors
-  timeout 120 python3 -m bench.weights --models-dir $FS --parts dit --dit-dtype bf16 2>&1 | tail -1
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log build-bf16; in_cgroup build_bf16 10 timeout 100 python3 -m bench.cache_build --models-dir $FS \
-    --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
+  build_bf16
 elif [ "$1" = g ]; then  # a fresh machine: the 12 GB card (8 GiB cgroup) beside the pinned engine at 12 GB, the
   # file-backed one from a dropped page cache, then warm (compile cache warm from the pinned run for both)
   build
@@ -130,9 +132,6 @@ elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed 
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures 2 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
 else  # c: the first build from a bf16 DiT file (the other files written too on a fresh machine)
-  log bf16-dit; python3 -m bench.weights --models-dir $FS --dit-dtype bf16 2>&1 | tail -1
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log build-bf16; in_cgroup build_bf16 10 timeout 120 python3 -m bench.cache_build --models-dir $FS \
-    --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
+  build_bf16
 fi
 log end

@@ -53,12 +53,13 @@ def summarize(folder: Path) -> dict:
     cold_rate = max([r for r in (mapped_cold_rate, direct_cold_rate) if r], default=None)
     runs: dict = {}
     # The 8 GB card (10 GiB cgroup; names as lowram.sh a-f write them), and the 12 GB one (8 GiB cgroup, `g`) when run.
-    for card, pinned_name, file_json, log_prefix in (("8", "pinned", "file8", "file"), ("12", "pinned12", "file12", "file12")):
-        pinned = (_lines(folder / f"{pinned_name}{'8' if card == '8' else ''}.json")
+    for card, pinned_name, pinned_json, file_json, log_prefix in ((8, "pinned", "pinned8", "file8", "file"),
+                                                                   (12, "pinned12", "pinned12", "file12", "file12")):
+        pinned = (_lines(folder / f"{pinned_json}.json")
                   or _lines(folder / f"{pinned_name}.log"))  # the log when it did not finish
-        if card == "12" and not (pinned or (folder / f"{file_json}_cold.json").is_file()):
+        if card == 12 and not (pinned or (folder / f"{file_json}_cold.json").is_file()):
             continue
-        runs[pinned_name] = {"card_gb": int(card), "s_per_step": _event(pinned, "picture").get("s_per_step"),
+        runs[pinned_name] = {"card_gb": card, "s_per_step": _event(pinned, "picture").get("s_per_step"),
                              "load_s": _event(pinned, "loaded").get("seconds"),
                              "pinned_gib": _event(pinned, "loaded").get("pinned_gib"),
                              "rss_anon_gib": _event(pinned, "loaded").get("rssanon_gib"),
@@ -73,7 +74,7 @@ def summarize(folder: Path) -> dict:
             # Per step: the units kept in the page cache at its rate, the rest at the disk's.
             floor = ((streamed - from_disk) * GIB / (warm_rate * 1e9) + from_disk * GIB / (cold_rate * 1e9)
                      if streamed is not None and warm_rate and cold_rate else None)
-            runs[name] = {"card_gb": int(card), "pinned_run": pinned_name, "s_per_step": picture.get("s_per_step"),
+            runs[name] = {"card_gb": card, "pinned_run": pinned_name, "s_per_step": picture.get("s_per_step"),
                           "picture_s": picture.get("seconds"), "load_s": loaded.get("seconds"),
                           "dit_streamed_gib": streamed, "dit_from_disk_gib": from_disk, "read_GBps": rate,
                           "floor_s": floor, "pinned_gib": picture.get("pinned_gib", loaded.get("pinned_gib")),

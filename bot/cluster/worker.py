@@ -377,8 +377,10 @@ async def run_worker(config, *, device: str | None = None, name: str | None = No
         await engine.start()
         capability = load_capability(config, settings, name, engine)
     except Exception as exc:
+        from engine.pipeline import DeviceUnavailable  # imported by build_local_engine already: torch is loaded
+
         await engine.close(timeout=0)
-        if type(exc).__name__ == "DeviceUnavailable":  # engine.pipeline's; not imported here (torch stays lazy)
+        if isinstance(exc, DeviceUnavailable):
             say(f"config error: {exc}")
             return 2
         say(f"cannot load the model: {type(exc).__name__}: {exc}\n  `drawbot doctor` checks what a worker needs.")
