@@ -94,11 +94,43 @@ def summarize(folder: Path) -> dict:
     read = (cold_loaded["disk_read_gib"] - before) if cold_loaded.get("disk_read_gib") else written
     cold_start = (read * GIB / (cold_rate * 1e9)) if read and cold_rate else None
     parts = {k: cold_loaded.get(k) for k in ("load_s", "packing_s", "calibration_s", "warmup_s")}
-    return {"runs": runs, "builds": builds,
+    startups = {name: startup(events, cold_rate) for name in STARTUP_RUNS
+                if (events := _lines(folder / f"{name}.json")) and _event(events, "loaded")}
+    return {"runs": runs, "builds": builds, "startups": startups,
             "read_GBps": {"warm": warm_rate, "cold": cold_rate, "cold_mapped": mapped_cold_rate,
                           "cold_direct": direct_cold_rate},
             "startup_cold": {"load_s": runs["file_cold"]["load_s"], "cache_gib": written, "read_gib": read,
                              "bytes_over_cold_rate_s": cold_start, "parts_s": parts}}
+
+
+STARTUP_RUNS = ("file8_cold_noahead", "file8_cold", "file12_cold")
+"""Start-ups from a dropped page cache: without the start-up read-ahead (lowram.sh h), with it, the 12 GB card."""
+PHASES = ("load_s", "packing_s", "calibration_s", "warmup_s")
+
+
+def startup(events: list[dict], cold_rate: float | None) -> dict:
+    """One start-up from a dropped page cache: its seconds against the bytes it read over the disk's rate, and per
+    phase (from bench.startup's disk timeline) the seconds and the GiB read in it."""
+    start, loaded = _event(events, "start"), _event(events, "loaded")
+    read = loaded["disk_read_gib"] - (start.get("disk_read_gib") or 0.0) if loaded.get("disk_read_gib") else None
+    over_rate = read * GIB / (cold_rate * 1e9) if read and cold_rate else None
+    timeline = loaded.get("disk_timeline") or []
+
+    def read_by(t: float) -> float | None:
+        before = [gib for when, gib in timeline if when <= t]
+        return before[-1] if before else None
+
+    phases, t = {}, 0.0
+    ends = [*(loaded.get(k) or 0.0 for k in PHASES), None]
+    for name, length in zip([*PHASES, "rest_s"], ends):
+        end = loaded["seconds"] if length is None else t + length
+        first, last = read_by(t), read_by(end)
+        phases[name.removesuffix("_s")] = {"s": round(end - t, 2), "read_gib": round(last - first, 2)
+                                           if first is not None and last is not None else None}
+        t = end
+    return {"seconds": loaded.get("seconds"), "read_gib": read, "bytes_over_rate_s": over_rate,
+            "ratio": loaded["seconds"] / over_rate if over_rate else None, "read_ahead_gib": loaded.get("read_ahead_gib"),
+            "phases": phases}
 
 
 def table(summary: dict) -> str:
@@ -130,6 +162,16 @@ def table(summary: dict) -> str:
              f"start-up from a cold page cache: {_fmt(cold['load_s'], 1)} s (calibration and compile included; "
              f"parts {', '.join(f'{k} {_fmt(v, 1)}' for k, v in cold['parts_s'].items())}) vs "
              f"{_fmt(cold['read_gib'], 2)} GiB read / cold rate = {_fmt(cold['bytes_over_cold_rate_s'], 1)} s"]
+    if summary.get("startups"):
+        rows += ["", "| start-up, dropped page cache | s | GiB read | read / disk rate s | ratio | read ahead GiB | "
+                 + " | ".join(f"{p.removesuffix('_s')} s (GiB read)" for p in (*PHASES, "rest")) + " |",
+                 "|---" * (6 + len(PHASES) + 1) + "|"]
+        for name, run in summary["startups"].items():
+            rows.append(f"| {name} | {_fmt(run['seconds'], 1)} | {_fmt(run['read_gib'], 2)} | "
+                        f"{_fmt(run['bytes_over_rate_s'], 1)} | {_fmt(run['ratio'], 2)} | "
+                        f"{_fmt(run['read_ahead_gib'], 2)} | "
+                        + " | ".join(f"{_fmt(p['s'], 1)} ({_fmt(p['read_gib'], 2)})" for p in run["phases"].values())
+                        + " |")
     return "\n".join(rows)
 
 

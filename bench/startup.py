@@ -31,6 +31,7 @@ SIZES = ((1024, 1024), (1344, 768), (832, 1216), (512, 512), (2048, 512), (768, 
 """Each drawn twice (first, steady), in this order, then the largest square the card affords (at most 2048²)."""
 TINY_SIZES = ((64, 64), (96, 64), (64, 256), (512, 64))
 RATIO_TARGET = 1.2
+TIMELINE_S = 0.25
 
 
 def peak_rss_gib() -> float:
@@ -65,6 +66,32 @@ def disk_read_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+class DiskTimeline:
+    """`disk_read_gib()` every TIMELINE_S seconds while the engine starts, as (seconds since `started`, GiB): where
+    the start-up read and where the disk sat idle."""
+
+    def __init__(self, started: float):
+        import threading
+
+        self.samples: list[tuple[float, float]] = []
+        self._started = started
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            read = disk_read_gib()
+            if read is not None:
+                self.samples.append((round(time.perf_counter() - self._started, 2), round(read, 3)))
+            if self._done.wait(TIMELINE_S):
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def sequence(sizes, largest: tuple[int, int] | None, pictures: int) -> list[tuple[int, int]]:
@@ -103,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                              "config's 'auto' (which stays eager on a CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--no-read-ahead", action="store_true",
+                        help="file-backed weights: no start-up read-ahead of the weight cache (the comparison)")
     args = parser.parse_args(argv)
     if args.models_dir is None and not args.tiny:
         parser.error("--models-dir is required (or --tiny)")
@@ -116,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.streaming import compiled_graphs
     from engine.worker import Engine
 
+    if args.no_read_ahead:
+        from engine.streaming import weight_cache
+
+        weight_cache.STARTUP_READ_AHEAD = False
     if args.compile:
         enable = streaming_module.enable_streaming
 
@@ -150,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine(load)
         started = time.perf_counter()
-        await engine.start()
+        timeline = DiskTimeline(started)
+        try:
+            await engine.start()
+        finally:
+            timeline.stop()
         pipeline = pipelines[0]
         streaming = pipeline.streaming
         startup = pipeline.startup
@@ -161,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                host_weights_gib=streaming.host_bytes / GIB, resident_units=len(streaming.dit.resident),
                file_backed=streaming.dit.file_backed, cache_built=streaming.weight_cache_built,
                dit_streamed_gib=streaming.dit.streamed_bytes / GIB,
-               dit_from_disk_gib=streaming.dit.dropped_bytes / GIB)
+               dit_from_disk_gib=streaming.dit.dropped_bytes / GIB,
+               read_ahead_gib=startup.read_ahead_bytes / GIB, disk_timeline=timeline.samples)
         cost = engine.size_cost
         side = 512 if args.tiny else 2048
         affordable = cost is None or cost.largest_pixels >= side * side
