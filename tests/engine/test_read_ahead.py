@@ -186,3 +186,41 @@ def test_a_start_up_pass_through_the_read_ahead_draws_the_same_and_reads_no_byte
         assert direct_bytes == 0
     path = dit.host_memory.path
     assert all(_cached_fraction(path, u.host_offset, u.nbytes) == 1 for u in dit.units if u.index not in dit._dropped)
+
+
+def test_what_was_read_ahead_stays_through_the_start_up_plan_and_the_pass_reads_nothing_itself(tiny_settings, tmp_path,
+                                                                                             monkeypatch):
+    """Read ahead before the start-up's page-cache plan (as while the models load): the plan does not drop the disk
+    units the read-ahead read for the coming pass, and that pass takes every unit from the page cache: nothing read
+    from the disk by the streamers (O_DIRECT), the same picture; the disk units are dropped once used."""
+    from engine.streaming import weight_cache
+    from engine.streaming.read_ahead import StartupReadAhead
+
+    if not _has_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    request = GenerationRequest("a heron", 5, 1, 64, 64)
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    filed.streaming.keep_in_page_cache(1 << 40)
+    expected = filed.generate(request, lambda d, t: None).png
+    dit, t5 = filed.streaming.dit, filed.streaming.t5
+    memories = [t5.host_memory, dit.host_memory]
+    for memory in memories:
+        _drop(memory.path)
+    read_ahead = StartupReadAhead([m.path for m in memories], lambda: 1 << 30, start=weight_cache.HEADER_ROOM)
+    for memory in memories:
+        memory.read_ahead = read_ahead
+    try:
+        data = sum(os.path.getsize(m.path) - weight_cache.HEADER_ROOM for m in memories)
+        assert _settled(read_ahead) == data
+        filed.streaming.keep_in_page_cache(sum(u.nbytes for u in dit.units) // 2)  # the start-up's plan
+        dropped = [u for u in dit.units if u.index in dit._dropped]
+        assert dropped and all(_cached_fraction(dit.host_memory.path, u.host_offset, u.nbytes) == 1 for u in dropped)
+        before = [m.direct_bytes for m in memories]
+        assert filed.generate(request, lambda d, t: None).png == expected
+        assert [m.direct_bytes for m in memories] == before
+    finally:
+        read_ahead.stop()
+        for memory in memories:
+            memory.read_ahead = None
+    assert all(_cached_fraction(dit.host_memory.path, u.host_offset, u.nbytes) == 0 for u in dropped)
