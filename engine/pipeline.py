@@ -158,8 +158,8 @@ class FluxPipeline:
 
             loading = frugal_loading()
         weight_cache = _weight_cache(settings, files, host_budget) if settings.mode == "stream" else None
-        if weight_cache is not None:  # the disk reads the weights while the models are built and traced
-            weight_cache.start_read_ahead(["t5", "dit"], lambda: _page_cache_room(host_budget))
+        if weight_cache is not None:  # the disk reads T5 while the models are built
+            weight_cache.start_read_ahead(["t5"], lambda: _page_cache_room(host_budget))
         try:
             with contextlib.redirect_stdout(chatter), loading:
                 if settings.mode == "stream":

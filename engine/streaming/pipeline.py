@@ -20,7 +20,6 @@ from engine.streaming.planning import (DECODE_TILES, DEFAULT_MARGIN_GB, DevicePe
                                        choose_resident)
 from engine.streaming.prompt_cache import install_prompt_cache
 from engine.streaming.loading import SourceWeights
-from engine.streaming.read_ahead import RESERVED_ROOM
 from engine.streaming.weight_cache import WeightCache
 from engine.streaming.streamer import DEFAULT_SLOTS, ModelStreamer, SlotPool
 
@@ -324,14 +323,13 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone. `page_cache_room`
     (file-backed weights): the page cache's room for them now, so that the start-up generations, which stream every
     unit, already read the units beyond it from the disk without evicting the others (planned again once the
-    residency is known), leaving RESERVED_ROOM to the weight cache's start-up read-ahead when it has one."""
+    residency is known)."""
     started = time.monotonic()
     streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache, sources=sources)
     seconds = streaming.startup_seconds
     seconds.packing = time.monotonic() - started
     if page_cache_room is not None and streaming.dit.file_backed:
-        reading_ahead = weight_cache is not None and weight_cache.read_ahead is not None
-        streaming.keep_in_page_cache(max(0, page_cache_room() - (RESERVED_ROOM if reading_ahead else 0)))
+        streaming.keep_in_page_cache(page_cache_room())
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":

@@ -224,6 +224,26 @@ def test_a_unit_made_resident_leaves_the_page_cache_and_streams_again_unchanged(
     assert _picture(filed, "a moth at a lamp") == before
 
 
+def test_units_made_resident_after_a_pass_that_dropped_them_are_read_with_o_direct(tiny_settings, tmp_path):
+    """At start-up the plan makes units resident right after a pass that read the disk units past the page cache:
+    those come from the disk with O_DIRECT (not page fault by page fault through the mapping), the others from the
+    page cache; the picture does not change."""
+    if not _has_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    dit = filed.streaming.dit
+    filed.streaming.keep_in_page_cache(sum(u.nbytes for u in dit.units) // 2)
+    before = _picture(filed, "a moth at a lamp")
+    dropped = sorted(dit._dropped)
+    kept = [u.index for u in dit.units if u.index not in dit._dropped]
+    assert dropped and kept
+    read = dit.host_memory.direct_bytes
+    dit.set_resident({*dropped, kept[0]})
+    assert dit.host_memory.direct_bytes - read == sum(dit.units[i].nbytes for i in dropped)
+    assert _picture(filed, "a moth at a lamp") == before
+
+
 def test_the_disk_is_asked_for_the_next_dropped_units_while_kept_ones_are_read(tiny_settings, tmp_path, monkeypatch):
     """Through the page cache (no O_DIRECT), every unit's read asks the kernel for the dropped units coming next in
     the pass (up to DISK_READAHEAD_BYTES), and room is left for them."""
