@@ -169,7 +169,7 @@ elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first 
   sync; echo 3 > /proc/sys/vm/drop_caches
   log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
     --out $OUT/file12_cold.json
-  [ $SECONDS -lt 500 ] || { log "no time left for the warm 12 GB run"; exit 0; }
+  [ $SECONDS -lt ${WARM12_BEFORE:-440} ] || { log "no time left for the warm 12 GB run"; exit 0; }
   cat $WC/*.weights > /dev/null
   log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 80 $S12 --pictures 1 --weight-cache-dir $WC \
     --out $OUT/file12_warm.json
