@@ -13,11 +13,9 @@
 #                            build from a bf16 DiT file if time is left (else `c` on the same files)
 #   bash bench/lowram.sh g   (a fresh machine) the 12 GB card: the pinned engine, then the file-backed one in an
 #                            8 GiB cgroup from a dropped, then a warm page cache
-#   bash bench/lowram.sh h   (a fresh machine) the start-up from a dropped page cache without, then with the start-up
-#                            read-ahead (compile cache warm from a first start); one picture after the second
 #   bash bench/lowram.sh i   (a fresh machine) the pinned engine at 12 GB (fills the compile cache); the 8 GB card's
-#                            start-up from a dropped page cache without, then with the read-ahead; the 12 GB card
-#                            in an 8 GiB cgroup from a dropped, then a warm page cache
+#                            start-up from a dropped page cache; the 12 GB card in an 8 GiB cgroup from a dropped,
+#                            then a warm page cache
 #   bash bench/lowram.sh e   (a fresh machine) the files again; every size twice on the pinned engine from an empty
 #                            compile cache; the file-backed engine in 10 GiB from a dropped page cache
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
@@ -131,26 +129,9 @@ elif [ "$1" = g ]; then  # a fresh machine: the 12 GB card (8 GiB cgroup) beside
   cat $WC/*.weights > /dev/null
   log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
     --out $OUT/file12_warm.json
-elif [ "$1" = h ]; then  # a fresh machine: the start-up from a dropped page cache without and with the start-up
-  # read-ahead, side by side, after a first start that fills the compile cache (no picture: start-ups only, then
-  # one picture with the read-ahead to show the step is unchanged)
-  export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
-  build
-  cat $WC/dit.weights > /dev/null
-  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
-  cat $WC/*.weights > /dev/null
-  log first-start; in_cgroup file_first 10 timeout 150 $S --pictures 0 --weight-cache-dir $WC --out $OUT/file8_first.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log cold-no-read-ahead; in_cgroup file_cold_noahead 10 timeout 120 $S --pictures 0 --weight-cache-dir $WC \
-    --no-read-ahead --out $OUT/file8_cold_noahead.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log cold-read-ahead; in_cgroup file_cold 10 timeout 150 $S --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file8_cold.json
 elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first start: fills the compile cache);
-  # the 8 GB card's start-up from a dropped page cache without, then with the start-up read-ahead; the 12 GB card in
-  # an 8 GiB cgroup from a dropped, then (time allowing) a warm page cache
+  # the 8 GB card's start-up from a dropped page cache; the 12 GB card in an 8 GiB cgroup from a dropped, then (time
+  # allowing) a warm page cache. (Runs 7 and 8 also ran a start-up read-ahead with and without: bench/README.md.)
   export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
   build
   cat $WC/dit.weights > /dev/null
@@ -161,10 +142,7 @@ elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first 
   log pinned12; timeout 120 $S12 --host-ram-budget 64 --pictures 1 --out $OUT/pinned12.json 2>&1 \
     | grep -E '^\{|compiled|ready' | cut -c1-300 | tee $OUT/pinned12.log
   sync; echo 3 > /proc/sys/vm/drop_caches
-  log cold-no-read-ahead; in_cgroup file_cold_noahead 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
-    --no-read-ahead --out $OUT/file8_cold_noahead.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log cold-read-ahead; in_cgroup file_cold 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
   sync; echo 3 > /proc/sys/vm/drop_caches
   log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \

@@ -163,7 +163,7 @@ def table(summary: dict) -> str:
              f"parts {', '.join(f'{k} {_fmt(v, 1)}' for k, v in cold['parts_s'].items())}) vs "
              f"{_fmt(cold['read_gib'], 2)} GiB read / cold rate = {_fmt(cold['bytes_over_cold_rate_s'], 1)} s"]
     if summary.get("startups"):
-        rows += ["", "| start-up, dropped page cache | s | GiB read | read / disk rate s | ratio | read ahead GiB | "
+        rows += ["", "| start-up, dropped page cache | s | GiB read | read / disk rate s | ratio | read ahead GiB (runs 7, 8) | "
                  + " | ".join(f"{p.removesuffix('_s')} s (GiB read)" for p in (*PHASES, "rest")) + " |",
                  "|---" * (6 + len(PHASES) + 1) + "|"]
         for name, run in summary["startups"].items():

@@ -130,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                              "config's 'auto' (which stays eager on a CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
-    parser.add_argument("--no-read-ahead", action="store_true",
-                        help="file-backed weights: no start-up read-ahead of the weight cache (the comparison)")
     args = parser.parse_args(argv)
     if args.models_dir is None and not args.tiny:
         parser.error("--models-dir is required (or --tiny)")
@@ -145,10 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     from engine.streaming import compiled_graphs
     from engine.worker import Engine
 
-    if args.no_read_ahead:
-        from engine.streaming import weight_cache
-
-        weight_cache.STARTUP_READ_AHEAD = False
     if args.compile:
         enable = streaming_module.enable_streaming
 
@@ -199,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                file_backed=streaming.dit.file_backed, cache_built=streaming.weight_cache_built,
                dit_streamed_gib=streaming.dit.streamed_bytes / GIB,
                dit_from_disk_gib=streaming.dit.dropped_bytes / GIB,
-               read_ahead_gib=startup.read_ahead_bytes / GIB, disk_timeline=timeline.samples)
+               disk_timeline=timeline.samples)
         cost = engine.size_cost
         side = 512 if args.tiny else 2048
         affordable = cost is None or cost.largest_pixels >= side * side

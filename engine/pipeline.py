@@ -111,8 +111,6 @@ class StartupTimes:
     warmup: float = 0.0
     """The 1-step generation at a second size that compiles the shape-generic graph (torch.compile only)."""
     compiled: bool = False
-    read_ahead_bytes: int = 0
-    """File-backed weights: bytes of the weight cache read ahead while the engine started (engine.streaming.read_ahead)."""
 
     def describe(self) -> str:
         parts = [f"load {self.load:.1f} s"]
@@ -157,39 +155,32 @@ class FluxPipeline:
             from engine.streaming import frugal_loading
 
             loading = frugal_loading()
-        weight_cache = _weight_cache(settings, files, host_budget) if settings.mode == "stream" else None
-        if weight_cache is not None:  # the disk reads T5 while the models are built
-            weight_cache.start_read_ahead(["t5"], lambda: _page_cache_room(host_budget))
-        try:
-            with contextlib.redirect_stdout(chatter), loading:
-                if settings.mode == "stream":
-                    pipe, sources = _load_for_streaming(files, plan, device)
-                else:
-                    pipe, sources = _from_pretrained(files, plan, device), None
-            log.debug("diffsynth said:\n%s", chatter.getvalue())
-            loaded = time.monotonic() - started
-            log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device, loaded,
-                     settings.mode, plan.vram_limit)
-            pipeline = cls(pipe, settings, model_name=model_name, device=device,
-                           is_test_model=settings.model == "tiny", plan=plan)
+        sources = None
+        with contextlib.redirect_stdout(chatter), loading:
             if settings.mode == "stream":
-                from engine.streaming import enable_streaming
+                pipe, sources = _load_for_streaming(files, plan, device)
+            else:
+                pipe = _from_pretrained(files, plan, device)
+        log.debug("diffsynth said:\n%s", chatter.getvalue())
+        loaded = time.monotonic() - started
+        log.info("loaded %s on %s in %.1f s (mode=%s, vram_limit=%s GiB)", model_name, device, loaded,
+                 settings.mode, plan.vram_limit)
+        pipeline = cls(pipe, settings, model_name=model_name, device=device,
+                       is_test_model=settings.model == "tiny", plan=plan)
+        if settings.mode == "stream":
+            from engine.streaming import enable_streaming
 
-                pipeline.streaming = enable_streaming(pipe, device=device, budget_gb=settings.vram_budget_gb,
-                                                      width=settings.width, height=settings.height,
-                                                      fp8_compute=settings.fp8_compute,
-                                                      torch_compile=settings.torch_compile,
-                                                      weight_cache=weight_cache, sources=sources,
-                                                      page_cache_room=lambda: _page_cache_room(host_budget))
-            elif settings.fp8_compute or settings.torch_compile is True:
-                log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
-        finally:
-            read_ahead = weight_cache.stop_read_ahead() if weight_cache is not None else 0
-            if read_ahead:
-                log.info("start-up read-ahead: %.2f GiB of the weight cache read while the engine started",
-                         read_ahead / 2**30)
-        if pipeline.streaming is not None and pipeline.streaming.dit.file_backed:
-            _keep_in_page_cache(pipeline.streaming, host_budget)
+            pipeline.streaming = enable_streaming(pipe, device=device, budget_gb=settings.vram_budget_gb,
+                                                  width=settings.width, height=settings.height,
+                                                  fp8_compute=settings.fp8_compute,
+                                                  torch_compile=settings.torch_compile,
+                                                  weight_cache=_weight_cache(settings, files, host_budget),
+                                                  sources=sources,
+                                                  page_cache_room=lambda: _page_cache_room(host_budget))
+            if pipeline.streaming.dit.file_backed:
+                _keep_in_page_cache(pipeline.streaming, host_budget)
+        elif settings.fp8_compute or settings.torch_compile is True:
+            log.warning("engine.fp8_compute and engine.torch_compile apply to mode = \"stream\" only; ignored")
         pipeline.size_cost = measure_size_cost(pipeline, settings)
         if pipeline.size_cost is not None:
             largest = pipeline.size_cost.largest_pixels
@@ -204,8 +195,7 @@ class FluxPipeline:
         pipeline.startup = StartupTimes(
             total=time.monotonic() - started, load=loaded,
             packing=seconds.packing if seconds else 0.0, calibration=seconds.calibration if seconds else 0.0,
-            warmup=seconds.warmup if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled),
-            read_ahead_bytes=read_ahead)
+            warmup=seconds.warmup if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled))
         log.info("engine %s", pipeline.startup.describe())
         return pipeline
 

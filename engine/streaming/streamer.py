@@ -444,7 +444,7 @@ class ModelStreamer:
     def _resident_from_disk(self, loading: list[_Unit]) -> list[_Unit]:
         """Of the units about to become resident, those a file-backed model reads from the disk with O_DIRECT: the
         ones its page-cache plan left out (a start-up makes them resident right after a pass that dropped them;
-        copied from the mapping they would come in page fault by page fault, at a fraction of the disk's rate)."""
+        copied from the mapping they would come in page fault by page fault)."""
         memory = self.host_memory
         if not isinstance(memory, FileMemory) or not memory.direct_reads:
             return []
@@ -514,31 +514,19 @@ class ModelStreamer:
         next_in_cache = following not in self._dropped or not by_direct_io
         ahead = [self.units[i] for i in ((following,) if next_in_cache else ()) + tuple(self._disk_ahead.get(index, ()))]
 
-        through_mapping = index not in self._dropped or not by_direct_io
-
         def read_ahead() -> None:
             for later in ahead:
                 if by_direct_io and later.index in self._dropped:
                     memory.prefetch_direct(later.host_offset, later.nbytes)
                 else:
                     memory.prefetch(later.host_offset, later.nbytes)
-            if through_mapping:  # at start-up: wait for the read-ahead's reads of this unit, or tell it to skip it
-                memory.taken_ahead(unit.host_offset, unit.nbytes)
 
-        offset, nbytes = unit.host_offset, unit.nbytes
         if index in self._dropped:
-            def dropped() -> None:
-                # The drop also covers a direct read that fell back to the mapping (for a direct one it finds nothing).
-                memory.drop(offset, nbytes)
-                memory.used(offset, nbytes, kept=False)
-
-            read_direct = functools.partial(memory.read_direct, offset, nbytes) if by_direct_io else None
-            return FileRead(read_ahead, dropped, read_direct)
-
-        def kept() -> None:
-            memory.used(offset, nbytes, kept=True)
-
-        return FileRead(read_ahead, kept)
+            # The drop also covers a direct read that fell back to the mapping (for a direct one it finds nothing).
+            read_direct = functools.partial(memory.read_direct, unit.host_offset, unit.nbytes) if by_direct_io \
+                else None
+            return FileRead(read_ahead, functools.partial(memory.drop, unit.host_offset, unit.nbytes), read_direct)
+        return FileRead(read_ahead, lambda: None)
 
     def keep_in_page_cache(self, room: int) -> int:
         """File-backed: which streamed units stay in the page cache within `room` bytes; the others are read from
@@ -563,7 +551,7 @@ class ModelStreamer:
         dropped = {index for position, index in enumerate(self._order) if position not in kept_indices}
         self._dropped = frozenset(dropped)
         for index in dropped:  # what a build or an earlier plan left in the page cache would only crowd the kept
-            memory.drop_unless_read_ahead(self.units[index].host_offset, self.units[index].nbytes)
+            memory.drop(self.units[index].host_offset, self.units[index].nbytes)
         self._disk_ahead = {}
         for position, index in enumerate(self._order):
             ahead, queued = [], 0

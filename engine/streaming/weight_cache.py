@@ -25,14 +25,13 @@ import os
 import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from engine.streaming.host_memory import PAGE, page_align, page_aligned_empty
-from engine.streaming.read_ahead import StartupReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +50,6 @@ DIRECT_READERS = 4
 """O_DIRECT requests in flight at once (the queue depth an NVMe or a virtual disk needs for its full rate)."""
 
 
-STARTUP_READ_AHEAD = True
-"""Read the cache files ahead at start-up (engine.streaming.read_ahead); False: only the streamers read (the bench's
-comparison)."""
 DIRECT_AHEAD_BUFFERS = 2
 """Disk units read ahead with O_DIRECT while earlier units are copied (each buffer a unit's size: 2 x 320 MiB of
 anonymous memory for the DiT, counted in what the process holds)."""
@@ -100,12 +96,9 @@ class FileMemory:
 
     pinned_bytes = 0
 
-    def __init__(self, path: Path, nbytes: int, read_ahead: StartupReadAhead | None = None):
+    def __init__(self, path: Path, nbytes: int):
         self.path = path
         self.nbytes = nbytes
-        self.read_ahead = read_ahead
-        """While the engine starts: what has read this file ahead (see `taken_ahead`); None afterwards."""
-        self._name = str(Path(path).resolve())
         self._file = open(path, "rb")
         self._map = mmap.mmap(self._file.fileno(), HEADER_ROOM + max(nbytes, PAGE), access=mmap.ACCESS_COPY)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)[HEADER_ROOM:HEADER_ROOM + nbytes]
@@ -146,25 +139,6 @@ class FileMemory:
     def restore(self, offset: int, source: torch.Tensor, *, pin: bool) -> None:
         self._released.pop(offset, None)
 
-    def taken_ahead(self, offset: int, nbytes: int, *, wait: bool = True) -> bool:
-        """A streamer is about to read these bytes: True when the start-up read-ahead has them in the page cache (with
-        `wait`, once its reads have finished), so they are copied from the mapping; False: read them as usual (the
-        read-ahead will not)."""
-        read_ahead = self.read_ahead
-        return read_ahead is not None and read_ahead.take(self._name, offset, nbytes, wait=wait)
-
-    def used(self, offset: int, nbytes: int, *, kept: bool) -> None:
-        """A streamer is done with these bytes (`kept`: they stay in the page cache); the read-ahead reads on."""
-        read_ahead = self.read_ahead
-        if read_ahead is not None:
-            read_ahead.done(self._name, offset, nbytes, kept=kept)
-
-    def drop_unless_read_ahead(self, offset: int, nbytes: int) -> None:
-        """`drop`, unless the start-up read-ahead read these bytes for a streamer that has not used them yet."""
-        read_ahead = self.read_ahead
-        if read_ahead is None or not read_ahead.holds(self._name, offset, nbytes):
-            self.drop(offset, nbytes)
-
     def prefetch(self, offset: int, nbytes: int) -> None:
         """Ask the kernel to start reading these bytes from the disk now (a no-op for pages already cached): the
         next unit's read overlaps this one's copy."""
@@ -175,15 +149,13 @@ class FileMemory:
         up to a page) with O_DIRECT, DIRECT_READERS requests at a time; they do not enter the page cache. Bytes
         `prefetch_direct` asked for are waited for and copied instead. False when that cannot be done here (no
         O_DIRECT, an unaligned buffer or offset, the file system refused the read: then it stops trying for this
-        file), or when the start-up read-ahead has them in the page cache: the caller copies from the mapping."""
+        file), and the caller copies from the mapping."""
         length = page_align(nbytes)
         if (not self.direct_reads or offset % PAGE or into.data_ptr() % PAGE or into.numel() < length
                 or into.device.type != "cpu" or into.dtype != torch.uint8):
             return False
         with self._ahead_lock:
             ahead = self._ahead.pop(offset, None)
-        if ahead is None and self.taken_ahead(offset, nbytes):
-            return False
         try:
             if ahead is not None and ahead[2] == nbytes:
                 buffer, reads, _ = ahead
@@ -209,13 +181,7 @@ class FileMemory:
         """Start reading these bytes with O_DIRECT into a spare buffer now, so the disk keeps reading while the
         reader copies units from the page cache; `read_direct` of the same range then only waits for what is still
         coming and copies. At most DIRECT_AHEAD_BUFFERS ranges are under way: beyond that the request is skipped
-        (evicting one would throw away the read of a unit that is about to be used), as it is when the start-up
-        read-ahead is reading them into the page cache."""
-        with self._ahead_lock:
-            if not self.direct_reads or offset in self._ahead or len(self._ahead) >= DIRECT_AHEAD_BUFFERS:
-                return
-        if self.taken_ahead(offset, nbytes, wait=False):
-            return
+        (evicting one would throw away the read of a unit that is about to be used)."""
         with self._ahead_lock:
             self._prefetch_direct(offset, nbytes)
 
@@ -312,32 +278,6 @@ class WeightCache:
     """model name ("dit", "t5") -> the downloaded files it comes from."""
     built: list[str] | None = None
     """Names of the files built (not reused) by this process: for tests and the log."""
-    read_ahead: StartupReadAhead | None = None
-    """While the engine starts: the read-ahead of the files already built (`start_read_ahead`)."""
-    _memories: list[FileMemory] = field(default_factory=list)
-
-    def start_read_ahead(self, names: Sequence[str], room: Callable[[], int]) -> StartupReadAhead | None:
-        """Start reading the cache files of `names` (in the order the start-up uses them) into the page cache within
-        `room()` bytes, for those already built from today's source files (see engine.streaming.read_ahead)."""
-        if not STARTUP_READ_AHEAD or self.read_ahead is not None:
-            return self.read_ahead
-        current = [self.path(name) for name in names
-                   if (header := _read_header(self.path(name))) is not None
-                   and header.get("sources") == source_fingerprint(self.sources.get(name, []))]
-        if current:
-            self.read_ahead = StartupReadAhead(current, room, start=HEADER_ROOM)
-        return self.read_ahead
-
-    def stop_read_ahead(self) -> int:
-        """The engine is ready: the read-ahead stops and the files are read as planned from now on. Returns the bytes
-        it read."""
-        read_ahead, self.read_ahead = self.read_ahead, None
-        for memory in self._memories:
-            memory.read_ahead = None
-        if read_ahead is None:
-            return 0
-        read_ahead.stop()
-        return read_ahead.bytes_read
 
     def path(self, name: str) -> Path:
         return Path(self.folder) / f"{name}.weights"
@@ -354,15 +294,11 @@ class WeightCache:
             why = "missing" if not path.exists() else "stale, truncated or foreign" if header is None or \
                 header.get("sources") == expected["sources"] else "a source file changed"
             log.info("building the weight cache %s (%s): %.2f GiB", path, why, nbytes / 2**30)
-            if self.read_ahead is not None:
-                self.read_ahead.forget(str(path.resolve()))
             self._build(path, expected, layout, write_unit)
             self.built = [*(self.built or []), name]
         else:
             log.info("reusing the weight cache %s", path)
-        memory = FileMemory(path, nbytes, self.read_ahead)
-        self._memories.append(memory)
-        return memory
+        return FileMemory(path, nbytes)
 
     def _build(self, path: Path, header: dict, layout, write_unit) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
