@@ -56,6 +56,27 @@ build_bf16() {  # the first weight-cache build from a bf16 DiT file (bench.weigh
   log build-bf16; in_cgroup build_bf16 10 timeout 120 python3 -m bench.cache_build --models-dir $FS \
     --cache-dir $PWD/models/wc16 --label bf16 | grep '^{' > $OUT/build_bf16.json
 }
+S12="python3 -m bench.startup --models-dir $FS --budget 12"
+direct_rates() {  # the weight cache's read rates: a warm page cache, then a dropped one with O_DIRECT
+  cat $WC/dit.weights > /dev/null
+  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
+}
+pinned12() {  # pinned12 TIMEOUT: the pinned engine at 12 GB, no memory limit, one picture
+  log pinned12; timeout $1 $S12 --host-ram-budget 64 --pictures 1 --out $OUT/pinned12.json 2>&1 \
+    | grep -E '^\{|compiled|ready' | cut -c1-300 | tee $OUT/pinned12.log
+}
+file12_runs() {  # file12_runs TIMEOUT [BEFORE]: the 12 GB card in an 8 GiB cgroup from a dropped page cache, then
+  # from a warm one if the call is still under BEFORE seconds
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout $1 $S12 --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file12_cold.json
+  [ $SECONDS -lt ${2:-100000} ] || { log "no time left for the warm 12 GB run"; return; }
+  cat $WC/*.weights > /dev/null
+  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file12_warm.json
+}
 file_runs() {  # file_runs PICTURES: the file-backed engine at 8 GB in a 10 GiB cgroup, warm then dropped page cache
   cat $WC/*.weights > /dev/null  # a warm page cache (as after a previous run of the bot)
   log file-warm-cgroup10; in_cgroup file_warm 10 timeout 170 $S --pictures $1 --weight-cache-dir $WC \
@@ -116,41 +137,20 @@ elif [ "$1" = f ]; then  # a fresh machine: the files; read rates (mapped and O_
 elif [ "$1" = g ]; then  # a fresh machine: the 12 GB card (8 GiB cgroup) beside the pinned engine at 12 GB, the
   # file-backed one from a dropped page cache, then warm (compile cache warm from the pinned run for both)
   build
-  cat $WC/dit.weights > /dev/null
-  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
-  S12="python3 -m bench.startup --models-dir $FS --budget 12"
-  log pinned12; timeout 150 $S12 --host-ram-budget 64 --pictures 1 --out $OUT/pinned12.json 2>&1 \
-    | grep -E '^\{|compiled|ready' | tee $OUT/pinned12.log
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout 150 $S12 --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file12_cold.json
-  cat $WC/*.weights > /dev/null
-  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file12_warm.json
+  direct_rates
+  pinned12 150
+  file12_runs 150
 elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first start: fills the compile cache);
   # the 8 GB card's start-up from a dropped page cache; the 12 GB card in an 8 GiB cgroup from a dropped, then (time
   # allowing) a warm page cache. (Runs 7 and 8 also ran a start-up read-ahead with and without: bench/README.md.)
   export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
   build
-  cat $WC/dit.weights > /dev/null
-  python3 -m bench.read_rate $WC/dit.weights --label warm --gib 4 | tee $OUT/read_warm.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  python3 -m bench.read_rate $WC/dit.weights --label cold-direct --gib 4 --direct | tee $OUT/read_cold_direct.json
-  S12="python3 -m bench.startup --models-dir $FS --budget 12"
-  log pinned12; timeout 120 $S12 --host-ram-budget 64 --pictures 1 --out $OUT/pinned12.json 2>&1 \
-    | grep -E '^\{|compiled|ready' | cut -c1-300 | tee $OUT/pinned12.log
+  direct_rates
+  pinned12 120
   sync; echo 3 > /proc/sys/vm/drop_caches
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log file12-cold-cgroup8; in_cgroup file12_cold 8 timeout 120 $S12 --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file12_cold.json
-  [ $SECONDS -lt ${WARM12_BEFORE:-440} ] || { log "no time left for the warm 12 GB run"; exit 0; }
-  cat $WC/*.weights > /dev/null
-  log file12-warm-cgroup8; in_cgroup file12_warm 8 timeout 80 $S12 --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file12_warm.json
+  file12_runs 120 ${WARM12_BEFORE:-440}
 elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed engine from a dropped page cache
   build
   sync; echo 3 > /proc/sys/vm/drop_caches
