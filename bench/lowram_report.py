@@ -104,7 +104,8 @@ def summarize(folder: Path) -> dict:
 
 
 STARTUP_RUNS = ("file8_cold_noahead", "file8_cold", "file12_cold")
-"""Start-ups from a dropped page cache: without the start-up read-ahead (lowram.sh h), with it, the 12 GB card."""
+"""Start-ups from a dropped page cache: the 8 GB card (in runs 7 and 8 also without the start-up read-ahead they
+tried: `_noahead`), the 12 GB card."""
 PHASES = ("load_s", "packing_s", "calibration_s", "warmup_s")
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,8 +74,6 @@ class DiskTimeline:
     the start-up read and where the disk sat idle."""
 
     def __init__(self, started: float):
-        import threading
-
         self.samples: list[tuple[float, float]] = []
         self._started = started
         self._done = threading.Event()
