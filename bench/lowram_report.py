@@ -88,10 +88,8 @@ def summarize(folder: Path) -> dict:
     written = sum(builds["float8"].get(m, {}).get("written_gib", 0) for m in ("dit", "t5")) or None
     cold_events = _lines(folder / "file8_cold.json") or _lines(folder / "file_cold.log")
     cold_loaded = _event(cold_events, "loaded")
-    # What the engine's start-up really read from the disk (bench.startup's /proc/self/io at "loaded" less what the
-    # imports before "start" had read: their time is not in the start-up's seconds either), else the cache's size.
-    before = _event(cold_events, "start").get("disk_read_gib") or 0.0
-    read = (cold_loaded["disk_read_gib"] - before) if cold_loaded.get("disk_read_gib") else written
+    # What the engine's start-up really read from the disk (`startup`), else the cache's size.
+    read = (startup(cold_events, cold_rate)["read_gib"] if cold_loaded else None) or written
     cold_start = (read * GIB / (cold_rate * 1e9)) if read and cold_rate else None
     parts = {k: cold_loaded.get(k) for k in ("load_s", "packing_s", "calibration_s", "warmup_s")}
     startups = {name: startup(events, cold_rate) for name in STARTUP_RUNS
@@ -110,8 +108,9 @@ PHASES = ("load_s", "packing_s", "calibration_s", "warmup_s")
 
 
 def startup(events: list[dict], cold_rate: float | None) -> dict:
-    """One start-up from a dropped page cache: its seconds against the bytes it read over the disk's rate, and per
-    phase (from bench.startup's disk timeline) the seconds and the GiB read in it."""
+    """One start-up from a dropped page cache: its seconds against the bytes it read over the disk's rate (what
+    bench.startup's /proc/self/io says at "loaded" less what the imports before "start" had read: their time is not
+    in the start-up's seconds either), and per phase (from its disk timeline) the seconds and the GiB read in it."""
     start, loaded = _event(events, "start"), _event(events, "loaded")
     read = loaded["disk_read_gib"] - (start.get("disk_read_gib") or 0.0) if loaded.get("disk_read_gib") else None
     over_rate = read * GIB / (cold_rate * 1e9) if read and cold_rate else None

@@ -423,13 +423,14 @@ class ModelStreamer:
         if not wanted <= set(range(len(self.units))):
             raise ValueError(f"{self.name}: no such units {sorted(wanted - set(range(len(self.units))))}")
         self.reset()
-        from_disk = self._resident_from_disk([u for u in self.units if u.index in wanted and u.device is None])
-        buffer = page_aligned_empty(page_align(max(u.nbytes for u in from_disk))) if from_disk else None
+        from_disk = self._resident_from_disk([u.index for u in self.units if u.index in wanted and u.device is None])
+        buffer = page_aligned_empty(page_align(max(self.units[i].nbytes for i in from_disk))) if from_disk else None
         for unit in self.units:
             if unit.index in wanted and unit.device is None:
                 unit.device = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                if any(unit is other for other in from_disk):
-                    self._read_from_disk(unit, from_disk, buffer)
+                if buffer is not None and unit.index in from_disk:
+                    position = from_disk.index(unit.index)
+                    self._read_from_disk(unit, from_disk[position + 1:position + 1 + DIRECT_AHEAD_BUFFERS], buffer)
                 else:
                     unit.device.copy_(unit.host)  # blocking: done before the host pages go
                 unit.device_views = unit.views(unit.device)
@@ -441,23 +442,22 @@ class ModelStreamer:
                 unit.device, unit.device_views = None, []
         self._replan()
 
-    def _resident_from_disk(self, loading: list[_Unit]) -> list[_Unit]:
+    def _resident_from_disk(self, loading: list[int]) -> list[int]:
         """Of the units about to become resident, those a file-backed model reads from the disk with O_DIRECT: the
         ones its page-cache plan left out (a start-up makes them resident right after a pass that dropped them;
         copied from the mapping they would come in page fault by page fault)."""
         memory = self.host_memory
         if not isinstance(memory, FileMemory) or not memory.direct_reads:
             return []
-        return [unit for unit in loading if unit.index in self._dropped]
+        return [index for index in loading if index in self._dropped]
 
-    def _read_from_disk(self, unit: _Unit, from_disk: list[_Unit], buffer: torch.Tensor | None) -> None:
-        """`unit`'s bytes onto its GPU buffer through `buffer` with O_DIRECT, the next disk units read ahead meanwhile
-        (from the mapping where O_DIRECT fails)."""
+    def _read_from_disk(self, unit: _Unit, following: list[int], buffer: torch.Tensor) -> None:
+        """`unit`'s bytes onto its GPU buffer through `buffer` with O_DIRECT, the `following` disk units read ahead
+        meanwhile (from the mapping where O_DIRECT fails)."""
         memory, device = self.host_memory, unit.device
-        assert isinstance(memory, FileMemory) and buffer is not None and device is not None
-        position = next(i for i, other in enumerate(from_disk) if other is unit)
-        for later in from_disk[position + 1:position + 1 + DIRECT_AHEAD_BUFFERS]:
-            memory.prefetch_direct(later.host_offset, later.nbytes)
+        assert isinstance(memory, FileMemory) and device is not None
+        for index in following:
+            memory.prefetch_direct(self.units[index].host_offset, self.units[index].nbytes)
         if memory.read_direct(unit.host_offset, unit.nbytes, buffer):
             device.copy_(buffer[:unit.nbytes])
         else:
