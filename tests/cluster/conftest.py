@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-PASSWORD = "test-secret-4d1b"
+PASSWORD_PREFIX = "test-secret-"
+"""Every server's password starts so (each is its own: a worker left over from another test, retrying its old
+port, can never join a later test's server that got the same port)."""
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,11 +33,12 @@ class RedisServer:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
-        self.url = f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
+        self.password = PASSWORD_PREFIX + secrets.token_hex(4)
+        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
         self.conf = folder / "redis.conf"
         self.conf.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {folder}\nappendonly yes\nappendfsync always\nsave \"\"\n"
-            f"requirepass {PASSWORD}\nlogfile {folder / 'redis.log'}\ndaemonize no\n")
+            f"requirepass {self.password}\nlogfile {folder / 'redis.log'}\ndaemonize no\n")
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -44,7 +48,7 @@ class RedisServer:
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(f"AUTH {PASSWORD}\r\nPING\r\n".encode())
+                    s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
                     if b"PONG" in s.recv(100):
                         return
             except OSError:
