@@ -1,5 +1,5 @@
-"""A Redis client for the cluster, and the one retry policy for "Redis is unreachable": a clear log line, then
-exponential backoff (tenacity), never a crash."""
+"""A Redis client for the cluster, and the one retry policy for "Redis is unreachable or refuses writes for a
+while": a clear log line, then exponential backoff (tenacity), never a crash."""
 
 from __future__ import annotations
 
@@ -8,14 +8,38 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential
 
 from bot.cluster.settings import redacted
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 """What a Redis that is down, restarting (LOADING) or cut off raises."""
+REFUSALS = ("MISCONF", "NOREPLICAS", "MASTERDOWN", "BUSY", "TRYAGAIN")
+"""Error codes of a Redis that answers but refuses writes for a while: its disk is full or failing (MISCONF), it
+waits for replicas or its master, a script runs too long. With READONLY and OOM (their own exception classes)."""
 SOCKET_TIMEOUT = 10.0
+
+
+def is_refusal(exc: BaseException) -> bool:
+    if isinstance(exc, (ReadOnlyError, OutOfMemoryError)):
+        return True
+    if not isinstance(exc, ResponseError):
+        return False
+    # A pipeline names the command first: "Command # 1 (SET ...) of pipeline caused error: NOREPLICAS ..."
+    message = str(exc).rsplit("caused error: ", 1)[-1].lstrip("('\"")
+    return message.split(" ", 1)[0] in REFUSALS
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Unreachable or refusing for now: retried, said once. Anything else is a bug or a setup error."""
+    return isinstance(exc, UNREACHABLE) or is_refusal(exc)
+
+
+def trouble(exc: BaseException) -> str:
+    """What is wrong with Redis, for "Redis at <url> ..." lines."""
+    return f"refuses writes ({describe(exc)})" if is_refusal(exc) else f"is unreachable ({describe(exc)})"
 
 
 def client(url: str) -> aioredis.Redis:
@@ -33,15 +57,15 @@ def describe(exc: BaseException) -> str:
 
 def retrying(what: str, log: logging.Logger, url: str, *, max_wait: float = 30.0,
              attempts: Any = stop_never) -> AsyncRetrying:
-    """`async for attempt in retrying(...): with attempt: ...` retries while Redis is unreachable: one warning line
-    at the first failure, the later retries (backing off up to max_wait) at debug level."""
+    """`async for attempt in retrying(...): with attempt: ...` retries while Redis is unreachable or refuses writes:
+    one warning line at the first failure, the later retries (backing off up to max_wait) at debug level."""
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         level = logging.WARNING if state.attempt_number == 1 else logging.DEBUG
-        log.log(level, "Redis at %s is unreachable (%s) while %s; retrying (every %.1f s at most %.0f s apart)",
-                redacted(url), describe(exc) if exc else "?", what, wait, max_wait)
+        log.log(level, "Redis at %s %s while %s; retrying (every %.1f s at most %.0f s apart)",
+                redacted(url), trouble(exc) if exc else "is unreachable (?)", what, wait, max_wait)
 
-    return AsyncRetrying(retry=retry_if_exception_type(UNREACHABLE), wait=wait_exponential(multiplier=0.25, max=max_wait),
+    return AsyncRetrying(retry=retry_if_exception(is_transient), wait=wait_exponential(multiplier=0.25, max=max_wait),
                          stop=attempts, before_sleep=before_sleep, reraise=True)

@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import UNREACHABLE, describe, retrying
+from bot.cluster.connection import describe, is_transient, retrying, trouble
 from bot.cluster.protocol import BOT_CONSUMER, BOT_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, redacted
 from engine.jobs import (
@@ -63,6 +63,7 @@ class RemoteJob(EngineJob):
         super().__init__(engine, job_id, request, listener)
         self.token = 0  # the newest attempt seen; older attempts' events are stale
         self.worker: str | None = None
+        self.published = False  # Redis has held it (once published, a fresh publish means Redis lost it)
 
 
 class RemoteEngine:
@@ -99,10 +100,12 @@ class RemoteEngine:
             await self._refresh_workers()
             log.info("cluster: Redis at %s; %s; %d live worker(s)", redacted(self._url), self._identity.describe(),
                      len(self._live))
-        except UNREACHABLE as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             down_since = time.monotonic()
-            log.warning("cluster: Redis at %s is unreachable (%s); accepting jobs, they wait until it answers "
-                        "(retrying)", redacted(self._url), describe(exc))
+            log.warning("cluster: Redis at %s %s; accepting jobs, they wait until it answers (retrying)",
+                        redacted(self._url), trouble(exc))
         self._tasks = [asyncio.create_task(self._publisher(), name="cluster-publisher"),
                        asyncio.create_task(self._follow_events(down_since), name="cluster-events"),
                        asyncio.create_task(self._watch_workers(), name="cluster-workers")]
@@ -217,6 +220,7 @@ class RemoteEngine:
             with attempt:
                 fresh = await self._scripts["PUBLISH"](keys=[self._keys.job(job.id), stream],
                                                        args=[job.id, request_json, protocol.WORKERS_GROUP])
+        job.published = True
         log.info("cluster: %s job=%s", "published" if fresh else "re-attached to", job.id)
         if not self._live:
             log.warning("cluster: job %s waits: no worker drawing %s is live (start `drawbot worker`)", job.id,
@@ -297,31 +301,30 @@ class RemoteEngine:
                 self._drop_old_orphans()
             except asyncio.CancelledError:
                 raise
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost its data (no persistence): start over from the store's jobs
+            except Exception as exc:
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    # Redis lost its data (no persistence): start over from the store's jobs
                     log.warning("cluster: Redis has no events stream (a new or emptied Redis); publishing the "
                                 "unfinished jobs (again)")
                     await self._guarded(self._ensure_group)
                     await self._guarded(self._republish_all)
                     continue
-                log.exception("cluster: reading events failed")
-                await asyncio.sleep(1)
-            except UNREACHABLE as exc:
+                if not is_transient(exc):
+                    log.exception("cluster: handling an event failed")
+                    await asyncio.sleep(1)
+                    continue
                 if down_since is None:
                     down_since = time.monotonic()
-                    log.warning("cluster: Redis at %s is unreachable (%s); jobs wait, retrying", redacted(self._url),
-                                describe(exc))
+                    log.warning("cluster: Redis at %s %s; jobs wait, retrying", redacted(self._url), trouble(exc))
                 backlog = True
                 await asyncio.sleep(min(10.0, 0.5 + (time.monotonic() - down_since) / 4))
-            except Exception:
-                log.exception("cluster: handling an event failed")
-                await asyncio.sleep(1)
 
     async def _guarded(self, action: Callable[[], Awaitable[None]]) -> None:
         try:
             await action()
-        except UNREACHABLE:
-            pass
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
 
     async def _republish_all(self) -> None:
         """After Redis was away: publish every job still followed again (a no-op for those Redis kept)."""
@@ -331,8 +334,12 @@ class RemoteEngine:
                 fresh = await self._scripts["PUBLISH"](keys=[self._keys.job(job.id), stream],
                                                        args=[job.id, protocol.encode_request(job.request),
                                                              protocol.WORKERS_GROUP])
-                if fresh:
+                if fresh and not job.published:  # its own publisher was still waiting for Redis
+                    log.info("cluster: published job=%s", job.id)
+                elif fresh:
                     log.warning("cluster: Redis had lost job %s; published it again", job.id)
+                job.published = True
+                if fresh:
                     job.state = JobState.QUEUED
                     if job.id not in self._waiting:
                         self._waiting[job.id] = job
@@ -416,10 +423,9 @@ class RemoteEngine:
                 await self._refresh_workers()
             except asyncio.CancelledError:
                 raise
-            except UNREACHABLE:
-                pass  # _follow_events says it once
-            except Exception:
-                log.exception("cluster: reading the workers failed")
+            except Exception as exc:
+                if not is_transient(exc):  # _follow_events says what is wrong with Redis, once
+                    log.exception("cluster: reading the workers failed")
 
     async def _refresh_workers(self) -> None:
         live = await read_live_workers(self._redis, self._keys)

@@ -24,7 +24,7 @@ from typing import Protocol
 from redis.exceptions import ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import UNREACHABLE, describe, retrying
+from bot.cluster.connection import is_transient, retrying, trouble
 from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
@@ -72,35 +72,45 @@ class ClusterWorker:
         log.info("worker %s: ready on Redis %s (%s, up to %s, %s)", self.name, redacted(self._url),
                  self._identity.describe(), protocol.side(self._cap.largest_tier), self._cap.device)
         heartbeat = asyncio.create_task(self._heartbeat(stop), name="worker-heartbeat")
-        down_since: float | None = None
+        outage_since: float | None = None  # Redis unreachable or refusing writes since then
+        failing = False  # the last attempt failed otherwise (a bug): said once, with its traceback
+        needs_groups = False
         try:
             while not stop.is_set() and not self._refused:
                 try:
+                    if needs_groups:
+                        await self._ensure_groups()
+                        needs_groups = False
                     entry = await self._next_entry()
-                    if down_since is not None:
+                    if outage_since is not None:
                         log.info("worker %s: Redis at %s is back after %.0f s", self.name, redacted(self._url),
-                                 time.monotonic() - down_since)
-                        down_since = None
+                                 time.monotonic() - outage_since)
+                        outage_since = None
+                    failing = False
                     if entry is not None:
                         await self._draw(*entry, stop=stop)
-                except UNREACHABLE as exc:
-                    if down_since is None:  # one line per outage; the retries are quiet
-                        down_since = time.monotonic()
-                        log.warning("worker %s: Redis at %s is unreachable (%s); retrying", self.name,
-                                    redacted(self._url), describe(exc))
-                    await _sleep_or_stop(stop, 1.0)
-                except ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        await self._ensure_groups()
+                except Exception as exc:
+                    # Never ends the worker: a job it was drawing goes back to the queue when its lease lapses.
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        needs_groups = True  # Redis lost its data: the groups are made again
                         continue
-                    raise
+                    if is_transient(exc):
+                        if outage_since is None:  # one line per outage; the retries are quiet
+                            outage_since = time.monotonic()
+                            log.warning("worker %s: Redis at %s %s; retrying", self.name, redacted(self._url),
+                                        trouble(exc))
+                    elif not failing:
+                        failing = True
+                        log.exception("worker %s: taking or drawing a job failed; going on", self.name)
+                    await _sleep_or_stop(stop, 1.0)
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             try:
                 await self._redis.delete(self._keys.worker(self.name))
-            except UNREACHABLE:
-                pass
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
         return 2 if self._refused else 0
 
     # -- announcing ----------------------------------------------------------------------------------------------
@@ -142,8 +152,9 @@ class ClusterWorker:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             try:
                 await self._heartbeat_once()
-            except UNREACHABLE:
-                pass  # the main loop says it
+            except Exception as exc:
+                if not is_transient(exc):  # the main loop says what is wrong with Redis
+                    log.exception("worker %s: the heartbeat failed", self.name)
             if self._refused:
                 stop.set()
 
@@ -222,8 +233,12 @@ class ClusterWorker:
                 try:
                     held = await self._scripts["RENEW"](keys=keys, args=[token, WORKERS_GROUP, self.name, entry_id,
                                                                          *fields])
-                except UNREACHABLE:
-                    continue  # keep drawing; the result is handed back when Redis is there again
+                except Exception as exc:
+                    if is_transient(exc):
+                        continue  # keep drawing; the result is handed back when Redis is there again
+                    log.exception("worker %s: renewing the lease of job %s failed; drawing on without it", self.name,
+                                  job_id)
+                    return
                 if held == 0:
                     log.warning("worker %s: lost the lease of job %s (another worker has it); stopping", self.name,
                                 job_id)

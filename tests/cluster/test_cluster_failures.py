@@ -227,14 +227,27 @@ async def test_two_live_workers_draw_two_jobs_at_once_and_etas_count_both(tmp_pa
         cleanup.push_async_callback(bot_engine.close)
         await bot_engine.start()
 
+        def workers_running() -> None:
+            """A worker's task that ended is the failure to show (not the timeout it causes)."""
+            for task in tasks:
+                if task.done():
+                    raise AssertionError(f"a worker stopped: {task.exception() or task.result()!r}")
+
         async def both_live():
+            workers_running()
             return bot_engine.parallelism == 2
 
         await until(both_live, 20, what="two live workers")
         core = ChatCore(config, store, bot_engine, is_test_model=True, delivery_backoff=0.01)
         warm = RecordingConversation("c0")
         await core.submit(USERS[0], warm, _draw(core, "warm up"))
-        await asyncio.wait_for(core.drain(), 60)
+
+        async def warm_delivered():
+            workers_running()
+            return len(warm.pictures) == 1
+
+        await until(warm_delivered, 60, what="the warm-up picture")
+        await asyncio.wait_for(core.drain(), 30)
         job_seconds = core.state.job_seconds
         assert job_seconds and len(warm.pictures) == 1
 
@@ -244,6 +257,7 @@ async def test_two_live_workers_draw_two_jobs_at_once_and_etas_count_both(tmp_pa
         drawing["most"] = 0
 
         async def all_done():
+            workers_running()
             records = [await store.get_job(job_id) for job_id in ids]
             return all(r and r.delivered_at for r in records)
 
@@ -271,3 +285,85 @@ def _duration(seconds):
     from bot.replies import duration
 
     return duration(seconds)
+
+
+async def test_redis_refusing_writes_is_one_line_on_each_side_and_the_job_accepted_meanwhile_is_drawn(
+        tmp_path, models_dir, tiny_settings, caplog):
+    """A Redis that answers but refuses writes for a while (its disk full: MISCONF; here NOREPLICAS, the same kind of
+    error, by `min-replicas-to-write`): the worker and the bot each say so in one line and retry, neither stops, the
+    job accepted meanwhile is not failed, and it is drawn and delivered once Redis takes writes again."""
+    needs_redis()
+    from bot.cluster.worker import ClusterWorker, load_capability
+    from engine.pipeline import FluxPipeline
+    from engine.worker import Engine
+
+    caplog.set_level(logging.INFO, logger="bot.cluster")
+    path = cluster_config(tmp_path / "config.toml", models_dir, lease=3.0, heartbeat=0.3)
+    config = load_config(path)
+    settings = tiny_settings.model_copy(update={"mode": "resident"})
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as cleanup:
+        server = RedisServer(tmp_path / "redis")
+        server.start()
+        cleanup.callback(server.stop)
+        store = await Store.open(config.storage.database_path, config.storage.images_dir)
+        cleanup.push_async_callback(store.close)
+        pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
+        local = Engine(lambda: pipeline, max_queue=1)
+        await local.start()
+        cleanup.push_async_callback(local.close, timeout=0)
+        redis = client(server.url)
+        cleanup.push_async_callback(redis.aclose)
+        worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, "w0", local),
+                               url=server.url)
+        task = asyncio.create_task(worker.run(stop))
+
+        async def stop_worker():
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+        cleanup.push_async_callback(stop_worker)
+        bot_engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"),
+                                  url=server.url, model_name="tiny")
+        cleanup.push_async_callback(bot_engine.close)
+        await bot_engine.start()
+
+        async def worker_live():
+            return len(bot_engine.live_workers) == 1
+
+        await until(worker_live, 20, what="the worker")
+        admin = client(server.url)
+        cleanup.push_async_callback(admin.aclose)
+        core = ChatCore(config, store, bot_engine, is_test_model=True, delivery_backoff=0.01)
+
+        await admin.config_set("min-replicas-to-write", 1)  # every write refused from now on
+        conv = RecordingConversation("c0")
+        job_id = await core.submit(USERS[0], conv, _draw(core, "a fox"))
+        assert job_id, conv.texts()
+        await asyncio.sleep(3.0)  # several retries on both sides
+        assert not task.done(), task  # the worker did not stop (it raised NOREPLICAS out of its loop before)
+        record = await store.get_job(job_id)
+        assert record is not None and record.status in ("queued", "running"), record
+        assert not conv.pictures and not any("could not" in t for t in conv.texts()), conv.texts()
+        worker_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("worker w0: Redis at")]
+        assert worker_lines == [f"worker w0: Redis at redis://***@127.0.0.1:{server.port}/0 refuses writes "
+                                "(NOREPLICAS Not enough good replicas to write.); retrying"], worker_lines
+        bot_lines = [r.getMessage() for r in caplog.records if "refuses writes" in r.getMessage()
+                     and not r.getMessage().startswith("worker")]
+        assert 1 <= len(bot_lines) <= 2, bot_lines  # following events, publishing the job: not one per retry
+
+        await admin.config_set("min-replicas-to-write", 0)
+
+        async def delivered():
+            return len(conv.pictures) == 1
+
+        await until(delivered, 30, what="the picture accepted while Redis refused writes")
+        await asyncio.sleep(0.5)  # room for a duplicate, were there one
+        assert [p.job_id for p in conv.pictures] == [job_id]
+        record = await store.get_job(job_id)
+        assert record is not None and record.status == "done" and record.delivered_at
+        assert "worker w0: Redis at" in caplog.text and "is back after" in caplog.text
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        assert server.password not in caplog.text
+        await core.stop_accepting()
+    assert task.result() == 0
