@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,8 +48,11 @@ def client(url: str) -> aioredis.Redis:
     # Bytes in, bytes out: the PNG travels as bytes; text fields are decoded where read (protocol.text).
     # socket_timeout bounds every read (the longest BLOCK used is 1 s), so a Redis that is frozen or cut off by the
     # network raises TimeoutError, which is retried, instead of hanging a worker or the bot for ever.
+    # retry: a pooled connection opened before Redis restarted answers its first command with "Connection closed by
+    # server"; the command is sent once more on a new connection (a Redis still down fails that too, and the callers'
+    # retry policy below takes over). The scripts are fenced by tokens: a second send cannot duplicate a picture.
     return aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT,
-                                   socket_keepalive=True, health_check_interval=15)
+                                   socket_keepalive=True, health_check_interval=15, retry=Retry(NoBackoff(), 1))
 
 
 def describe(exc: BaseException) -> str:

@@ -175,3 +175,25 @@ def test_doctor_shows_redis_and_the_live_workers(redis_server, monkeypatch, tmp_
     monkeypatch.setenv("DRAWBOT_REDIS_URL", "redis://:x@127.0.0.1:1/0")
     check = check_cluster(config)
     assert check.verdict is Verdict.FAIL and "does not answer" in check.detail
+
+
+async def test_after_a_redis_restart_the_first_commands_on_pooled_connections_succeed(redis_server):
+    """Connections opened before Redis restarted are stale: the first command on each is answered by "Connection
+    closed by server". The client replaces such a connection and sends the command once more, so a restart that is
+    over costs no error (and no "unreachable" line): before, a worker's hand-back right after a restart could fail on
+    a pooled connection and log an outage that had already ended."""
+    from bot.cluster.connection import client
+
+    redis = client(redis_server.url)
+    try:
+        # Two connections in the pool: a blocking read holds one while the other command runs.
+        await redis.xgroup_create("s", "g", id="$", mkstream=True)
+        await asyncio.gather(redis.xreadgroup("g", "c", {"s": ">"}, block=200), redis.set("k", "1"))
+        assert len(redis.connection_pool._available_connections) == 2
+        redis_server.kill()
+        redis_server.start()  # the same port; the data is on disk (appendfsync always)
+        assert await redis.get("k") == b"1"
+        assert await redis.set("k", "2")
+        await asyncio.gather(redis.xreadgroup("g", "c", {"s": ">"}, block=200), redis.set("k", "3"))
+    finally:
+        await redis.aclose()
