@@ -148,13 +148,16 @@ class ClusterWorker:
         self._check_bot(bot)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
+        failing = False  # said once, with its traceback, until a heartbeat goes through again
         while True:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             try:
                 await self._heartbeat_once()
+                failing = False
             except Exception as exc:
-                if not is_transient(exc):  # the main loop says what is wrong with Redis
-                    log.exception("worker %s: the heartbeat failed", self.name)
+                if not is_transient(exc) and not failing:  # the main loop says what is wrong with Redis
+                    failing = True
+                    log.exception("worker %s: the heartbeat failed; going on", self.name)
             if self._refused:
                 stop.set()
 
