@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential
 
@@ -42,6 +42,15 @@ def is_transient(exc: BaseException) -> bool:
 def trouble(exc: BaseException) -> str:
     """What is wrong with Redis, for "Redis at <url> ..." lines."""
     return f"refuses writes ({describe(exc)})" if is_refusal(exc) else f"is unreachable ({describe(exc)})"
+
+
+def log_unexpected(log: logging.Logger, exc: BaseException, message: str, *args: object) -> None:
+    """An error that is neither an outage nor a refusal. Redis's own answer (an ACL refusing a command, a key of the
+    wrong type) is one line in its words, which say what to fix; anything else is a bug, logged with its traceback."""
+    if isinstance(exc, RedisError):
+        log.error(message + ": Redis answered %s", *args, describe(exc))
+    else:
+        log.error(message, *args, exc_info=exc)
 
 
 def client(url: str) -> aioredis.Redis:

@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import describe, is_transient, retrying, trouble
+from bot.cluster.connection import describe, is_transient, log_unexpected, retrying, trouble
 from bot.cluster.protocol import BOT_CONSUMER, BOT_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, redacted
 from engine.jobs import (
@@ -205,8 +205,8 @@ class RemoteEngine:
                 await self._publish(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("cluster: publishing job %s failed", job.id)
+            except Exception as exc:
+                log_unexpected(log, exc, "cluster: publishing job %s failed", job.id)
                 self._waiting.pop(job.id, None)
                 self._jobs.pop(job.id, None)
                 job._finish(JobState.FAILED, error=Failure.UNREACHABLE)
@@ -310,7 +310,7 @@ class RemoteEngine:
                     await self._guarded(self._republish_all)
                     continue
                 if not is_transient(exc):
-                    log.exception("cluster: handling an event failed")
+                    log_unexpected(log, exc, "cluster: handling an event failed")
                     await asyncio.sleep(1)
                     continue
                 if down_since is None:
@@ -425,7 +425,7 @@ class RemoteEngine:
                 raise
             except Exception as exc:
                 if not is_transient(exc):  # _follow_events says what is wrong with Redis, once
-                    log.exception("cluster: reading the workers failed")
+                    log_unexpected(log, exc, "cluster: reading the workers failed")
 
     async def _refresh_workers(self) -> None:
         live = await read_live_workers(self._redis, self._keys)

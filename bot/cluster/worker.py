@@ -24,7 +24,7 @@ from typing import Protocol
 from redis.exceptions import ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import is_transient, retrying, trouble
+from bot.cluster.connection import is_transient, log_unexpected, retrying, trouble
 from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
@@ -101,7 +101,7 @@ class ClusterWorker:
                                         trouble(exc))
                     elif not failing:
                         failing = True
-                        log.exception("worker %s: taking or drawing a job failed; going on", self.name)
+                        log_unexpected(log, exc, "worker %s: taking or drawing a job failed (going on)", self.name)
                     await _sleep_or_stop(stop, 1.0)
         finally:
             heartbeat.cancel()
@@ -157,7 +157,7 @@ class ClusterWorker:
             except Exception as exc:
                 if not is_transient(exc) and not failing:  # the main loop says what is wrong with Redis
                     failing = True
-                    log.exception("worker %s: the heartbeat failed; going on", self.name)
+                    log_unexpected(log, exc, "worker %s: the heartbeat failed (going on)", self.name)
             if self._refused:
                 stop.set()
 
@@ -239,8 +239,8 @@ class ClusterWorker:
                 except Exception as exc:
                     if is_transient(exc):
                         continue  # keep drawing; the result is handed back when Redis is there again
-                    log.exception("worker %s: renewing the lease of job %s failed; drawing on without it", self.name,
-                                  job_id)
+                    log_unexpected(log, exc, "worker %s: renewing the lease of job %s failed (drawing on without it)",
+                                   self.name, job_id)
                     return
                 if held == 0:
                     log.warning("worker %s: lost the lease of job %s (another worker has it); stopping", self.name,

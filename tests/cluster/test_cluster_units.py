@@ -197,3 +197,42 @@ async def test_after_a_redis_restart_the_first_commands_on_pooled_connections_su
         await asyncio.gather(redis.xreadgroup("g", "c", {"s": ">"}, block=200), redis.set("k", "3"))
     finally:
         await redis.aclose()
+
+
+async def test_a_redis_acl_that_refuses_a_command_is_one_line_in_redis_words_and_the_worker_goes_on(redis_server,
+                                                                                                    caplog):
+    """An owner's Redis user without the right to a command the worker needs (here XAUTOCLAIM): the worker says so
+    once, in Redis's words (which say what to fix), with no traceback, and keeps trying; once the ACL allows it, the
+    next try goes through."""
+    import redis as redis_sync
+
+    from bot.cluster.connection import client
+    from bot.cluster.worker import ClusterWorker
+
+    admin = redis_sync.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "drawer", "on", ">drawer-pw", "~*", "&*", "+@all", "-xautoclaim")
+    url = f"redis://drawer:drawer-pw@127.0.0.1:{redis_server.port}/0"
+    settings = ClusterSettings(enabled=True, heartbeat_seconds=0.2, lease_seconds=2.0)
+    cap = protocol.Capability("w-acl", "tiny", protocol.MODEL_HASHES["tiny"], protocol.PROTOCOL, 768 * 768, 8.0, "cpu")
+    caplog.set_level(logging.INFO, logger="bot.cluster")
+    redis = client(url)
+    stop = asyncio.Event()
+    worker = ClusterWorker(redis, settings, engine=None, capability=cap, url=url)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.sleep(2.5)  # a few tries, one second apart
+        assert not task.done()
+        lines = [r.getMessage() for r in caplog.records if "xautoclaim" in r.getMessage()]
+        assert lines == ["worker w-acl: taking or drawing a job failed (going on): Redis answered this user has no "
+                         "permissions to run the 'xautoclaim' command"], lines
+        assert not [r for r in caplog.records if r.exc_info]
+        admin.execute_command("ACL", "SETUSER", "drawer", "+xautoclaim")
+        caplog.clear()
+        await asyncio.sleep(1.5)
+        assert not task.done() and "xautoclaim" not in caplog.text
+        assert admin.exists("drawbot:worker:w-acl")  # its heartbeat went on throughout
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 10) == 0
+        await redis.aclose()
+        admin.close()
