@@ -4,11 +4,12 @@ while": a clear log line, then exponential backoff (tenacity), never a crash."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,7 +42,18 @@ def is_transient(exc: BaseException) -> bool:
 
 def trouble(exc: BaseException) -> str:
     """What is wrong with Redis, for "Redis at <url> ..." lines."""
+    if isinstance(exc, AuthenticationError):
+        return f"refuses the password ({describe(exc)})"
     return f"refuses writes ({describe(exc)})" if is_refusal(exc) else f"is unreachable ({describe(exc)})"
+
+
+def password_refused(url: str, exc: BaseException) -> str | None:
+    """At start, a password Redis refuses is a set-up error (exit 2 with the fix), not an outage to wait out; later
+    (the password changed on the Redis side) it is retried like one."""
+    if not isinstance(exc, AuthenticationError):
+        return None
+    return (f"Redis at {redacted(url)} refuses the password ({describe(exc)}): set the one in its requirepass in "
+            "DRAWBOT_REDIS_URL or [cluster].redis_url_file (redis://:PASSWORD@host:6379/0)")
 
 
 def log_unexpected(log: logging.Logger, exc: BaseException, message: str, *args: object) -> None:
@@ -70,7 +82,7 @@ def describe(exc: BaseException) -> str:
 
 
 def retrying(what: str, log: logging.Logger, url: str, *, max_wait: float = 30.0,
-             attempts: Any = stop_never) -> AsyncRetrying:
+             attempts: Any = stop_never, retry_if: Callable[[BaseException], bool] = is_transient) -> AsyncRetrying:
     """`async for attempt in retrying(...): with attempt: ...` retries while Redis is unreachable or refuses writes:
     one warning line at the first failure, the later retries (backing off up to max_wait) at debug level."""
 
@@ -81,5 +93,5 @@ def retrying(what: str, log: logging.Logger, url: str, *, max_wait: float = 30.0
         log.log(level, "Redis at %s %s while %s; retrying (every %.1f s at most %.0f s apart)",
                 redacted(url), trouble(exc) if exc else "is unreachable (?)", what, wait, max_wait)
 
-    return AsyncRetrying(retry=retry_if_exception(is_transient), wait=wait_exponential(multiplier=0.25, max=max_wait),
+    return AsyncRetrying(retry=retry_if_exception(retry_if), wait=wait_exponential(multiplier=0.25, max=max_wait),
                          stop=attempts, before_sleep=before_sleep, reraise=True)

@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Protocol
 
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import is_transient, log_unexpected, retrying, trouble
+from bot.cluster.connection import is_transient, log_unexpected, password_refused, retrying, trouble
 from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
@@ -62,11 +62,13 @@ class ClusterWorker:
         return self._cap.name
 
     async def run(self, stop: asyncio.Event) -> int:
-        async for attempt in retrying(f"starting worker {self.name}", log, self._url):
-            with attempt:
-                self._check_bot(await self._redis.get(self._keys.bot))
-                await self._ensure_groups()
-                await self._heartbeat_once()
+        try:
+            if not await _unless_stopped(self._start(), stop):
+                return 0  # stopped while Redis was still unreachable
+        except AuthenticationError as exc:
+            self._refused = password_refused(self._url, exc)
+            log.error("worker %s: %s", self.name, self._refused)
+            return 2
         if self._refused:
             return 2
         log.info("worker %s: ready on Redis %s (%s, up to %s, %s)", self.name, redacted(self._url),
@@ -112,6 +114,14 @@ class ClusterWorker:
                 if not is_transient(exc):
                     raise
         return 2 if self._refused else 0
+
+    async def _start(self) -> None:
+        async for attempt in retrying(f"starting worker {self.name}", log, self._url,
+                                      retry_if=lambda exc: is_transient(exc) and not password_refused("", exc)):
+            with attempt:
+                self._check_bot(await self._redis.get(self._keys.bot))
+                await self._ensure_groups()
+                await self._heartbeat_once()
 
     # -- announcing ----------------------------------------------------------------------------------------------
     def _check_bot(self, raw: bytes | None) -> None:
@@ -306,6 +316,23 @@ class ClusterWorker:
         return outcome == 1
 
 
+async def _unless_stopped(work, stop: asyncio.Event) -> bool:
+    """Run `work` until it ends (True; its exception raised) or `stop` is set first (False; `work` cancelled)."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopped):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
@@ -416,8 +443,6 @@ async def run_worker(config, *, device: str | None = None, name: str | None = No
             loop.remove_signal_handler(sig)
         await engine.close(timeout=0)
         await redis.aclose()
-    if code == 2:
-        say(worker._refused or "refused")
-    else:
+    if code != 2:  # refused: the worker's log line said why
         say(f"{name}: stopped")
     return code

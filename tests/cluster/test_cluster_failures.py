@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -157,6 +158,48 @@ def test_drawbot_run_with_local_worker_draws_on_this_machine(tmp_path, models_di
     assert "Traceback" not in out, out[-3000:]
     [record] = asyncio.run(_history(load_config(path)))
     assert record.status == "done" and record.delivered_at
+
+
+def test_a_password_redis_refuses_is_one_line_and_exit_2_for_the_worker_and_the_bot(tmp_path, models_dir,
+                                                                                     redis_server):
+    """A wrong password in DRAWBOT_REDIS_URL is a set-up error, not an outage to wait out: `drawbot worker` and
+    `drawbot run` each say so in one line with the fix and exit 2 (before, both retried for ever as "unreachable")."""
+    path = cluster_config(tmp_path / "config.toml", models_dir)
+    wrong = redis_server.url.replace(redis_server.password, "not-the-password")
+    env = {**os.environ, "DRAWBOT_REDIS_URL": wrong, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
+    env.pop("DRAWBOT_DISCORD_TOKEN", None)
+    line = (f"Redis at redis://***@127.0.0.1:{redis_server.port}/0 refuses the password (invalid username-password "
+            "pair or user is disabled.): set the one in its requirepass in DRAWBOT_REDIS_URL or "
+            "[cluster].redis_url_file")
+    for command in ("worker", "run"):
+        done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), command], input="",
+                              capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, out[-3000:]
+        assert out.count(line) == 1, out[-3000:]
+        assert "Traceback" not in out and "not-the-password" not in out, out[-3000:]
+
+
+def test_a_worker_stopped_while_redis_is_still_unreachable_exits_at_once(tmp_path, models_dir):
+    """SIGTERM (systemctl stop) while the worker waits for Redis at start: it stops within seconds, exit 0 (before,
+    its start-up retries did not look at the stop, and only SIGKILL ended it)."""
+    needs_redis()
+    server = RedisServer(tmp_path / "redis")  # never started
+    path = cluster_config(tmp_path / "config.toml", models_dir)
+    pool = Workers(tmp_path, server.url)
+    worker = pool.start("w1", path)
+    try:
+        deadline = time.monotonic() + 90
+        while "is unreachable" not in pool.log("w1") and time.monotonic() < deadline:
+            assert worker.poll() is None, pool.log("w1")
+            time.sleep(0.1)
+        assert "is unreachable" in pool.log("w1"), pool.log("w1")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0, pool.log("w1")
+        assert "Traceback" not in pool.log("w1"), pool.log("w1")
+    finally:
+        pool.stop_all()
 
 
 async def _history(config):
