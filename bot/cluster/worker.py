@@ -55,6 +55,7 @@ class ClusterWorker:
                          for name in ("TAKE", "RENEW", "FINISH", "RELEASE")}
         self._job: str | None = None
         self._refused: str | None = None
+        self._stop = asyncio.Event()  # run()'s: a hand-back waiting for Redis gives up when it is set
         self._lease_ms = int(settings.lease_seconds * 1000)
 
     @property
@@ -62,6 +63,7 @@ class ClusterWorker:
         return self._cap.name
 
     async def run(self, stop: asyncio.Event) -> int:
+        self._stop = stop
         try:
             if not await _unless_stopped(self._start(), stop):
                 return 0  # stopped while Redis was still unreachable
@@ -303,13 +305,21 @@ class ClusterWorker:
 
     async def _finish(self, keys: list[str], token: int, entry_id: bytes, keep_ms: int, kind: str, png: bytes,
                       fields: list) -> bool:
-        """Hand the outcome back, fenced by the token; retried while Redis is unreachable."""
+        """Hand the outcome back, fenced by the token; retried while Redis is unreachable, unless the worker is
+        stopping (the job's lease then lapses and another worker draws it: a stop never waits for Redis)."""
         job_id = keys[0].rsplit(":", 1)[1]
         event = ["kind", kind, "job", job_id, "token", token, *fields]
-        async for attempt in retrying(f"handing back job {job_id}", log, self._url, max_wait=10):
-            with attempt:
-                outcome = await self._scripts["FINISH"](keys=keys, args=[token, WORKERS_GROUP, entry_id, keep_ms,
-                                                                         kind, png, *event])
+        try:
+            async for attempt in retrying(f"handing back job {job_id}", log, self._url, max_wait=10,
+                                          attempts=lambda _: self._stop.is_set()):
+                with attempt:
+                    outcome = await self._scripts["FINISH"](keys=keys, args=[token, WORKERS_GROUP, entry_id,
+                                                                             keep_ms, kind, png, *event])
+        except Exception:
+            if self._stop.is_set():
+                log.warning("worker %s: stopping before Redis took job %s back; another worker draws it after its "
+                            "lease", self.name, job_id)
+            raise
         if outcome == 0:
             log.warning("worker %s: job %s was taken over by another worker while this one drew it; its result is "
                         "dropped (stale token %d)", self.name, job_id, token)

@@ -410,3 +410,66 @@ async def test_redis_refusing_writes_is_one_line_on_each_side_and_the_job_accept
         assert server.password not in caplog.text
         await core.stop_accepting()
     assert task.result() == 0
+
+
+async def test_a_worker_stopped_while_redis_is_down_after_a_picture_stops_without_waiting_for_redis(
+        tmp_path, models_dir, tiny_settings, caplog):
+    """Redis goes down just as a picture is finished, and the worker is stopped (systemctl stop): it stops within
+    seconds, saying the job is drawn again after its lease, instead of retrying the hand-back until Redis returns
+    (before: it never stopped while Redis was down)."""
+    needs_redis()
+    from bot.cluster.worker import ClusterWorker, load_capability
+    from engine.jobs import GenerationRequest
+    from engine.pipeline import FluxPipeline
+    from engine.worker import Engine
+
+    caplog.set_level(logging.INFO, logger="bot.cluster")
+    path = cluster_config(tmp_path / "config.toml", models_dir, lease=3.0, heartbeat=0.3)
+    config = load_config(path)
+    settings = tiny_settings.model_copy(update={"mode": "resident"})
+    entered, go = threading.Event(), threading.Event()
+
+    class Gated:
+        def __init__(self, pipeline):
+            self._pipeline = pipeline
+            self.model_name, self.device = pipeline.model_name, pipeline.device
+            self.is_test_model, self.size_cost = pipeline.is_test_model, None
+
+        def generate(self, request, on_step):
+            entered.set()
+            go.wait(60)
+            return self._pipeline.generate(request, on_step)
+
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as cleanup:
+        server = RedisServer(tmp_path / "redis")
+        server.start()
+        cleanup.callback(server.stop)
+        pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
+        local = Engine(lambda: Gated(pipeline), max_queue=1)
+        await local.start()
+        cleanup.push_async_callback(local.close, timeout=0)
+        redis = client(server.url)
+        cleanup.push_async_callback(redis.aclose)
+        worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, "w0", local),
+                               url=server.url)
+        task = asyncio.create_task(worker.run(stop))
+        cleanup.callback(task.cancel)
+        bot_engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"),
+                                  url=server.url, model_name="tiny")
+        cleanup.push_async_callback(bot_engine.close)
+        await bot_engine.start()
+        bot_engine.submit(GenerationRequest("a fox", 1, 2, 64, 64), job_id="fox")
+        assert await asyncio.to_thread(entered.wait, 30), "the worker never started drawing"
+        server.kill()
+        go.set()  # the picture is finished while Redis is down
+
+        async def handing_back():
+            return "while handing back job fox" in caplog.text
+
+        await until(handing_back, 30, what="the hand-back retrying")
+        stop.set()
+        assert await asyncio.wait_for(task, 15) == 0
+        assert "worker w0: stopping before Redis took job fox back; another worker draws it after its lease" \
+            in caplog.text
+        assert not [r for r in caplog.records if r.exc_info]
