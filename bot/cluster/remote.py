@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from redis.exceptions import ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import describe, is_transient, log_unexpected, password_refused, retrying, trouble
+from bot.cluster.connection import describe, is_transient, log_unexpected, retrying, start_refused, trouble
 from bot.cluster.protocol import BOT_CONSUMER, BOT_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, redacted
 from engine.jobs import (
@@ -101,7 +101,7 @@ class RemoteEngine:
             log.info("cluster: Redis at %s; %s; %d live worker(s)", redacted(self._url), self._identity.describe(),
                      len(self._live))
         except Exception as exc:
-            refused = password_refused(self._url, exc)
+            refused = start_refused(self._url, exc)
             if refused is not None:
                 raise ClusterSetupError(refused) from None
             if not is_transient(exc):

@@ -21,10 +21,10 @@ import sys
 import time
 from typing import Protocol
 
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from bot.cluster import protocol
-from bot.cluster.connection import is_transient, log_unexpected, password_refused, retrying, trouble
+from bot.cluster.connection import is_transient, log_unexpected, retrying, start_refused, trouble
 from bot.cluster.protocol import WORKERS_GROUP, Capability, Keys, ModelIdentity
 from bot.cluster.settings import ClusterSettings, RedisUrlError, read_redis_url, redacted
 from engine.jobs import EngineError, GenerationRequest, GenerationResult, JobCancelled, JobEvent, JobFailed
@@ -67,8 +67,10 @@ class ClusterWorker:
         try:
             if not await _unless_stopped(self._start(), stop):
                 return 0  # stopped while Redis was still unreachable
-        except AuthenticationError as exc:
-            self._refused = password_refused(self._url, exc)
+        except RedisError as exc:
+            self._refused = start_refused(self._url, exc)
+            if self._refused is None:
+                raise
             log.error("worker %s: %s", self.name, self._refused)
             return 2
         if self._refused:
@@ -119,7 +121,7 @@ class ClusterWorker:
 
     async def _start(self) -> None:
         async for attempt in retrying(f"starting worker {self.name}", log, self._url,
-                                      retry_if=lambda exc: is_transient(exc) and not password_refused("", exc)):
+                                      retry_if=lambda exc: is_transient(exc) and not start_refused("", exc)):
             with attempt:
                 self._check_bot(await self._redis.get(self._keys.bot))
                 await self._ensure_groups()

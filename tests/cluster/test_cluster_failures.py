@@ -181,6 +181,31 @@ def test_a_password_redis_refuses_is_one_line_and_exit_2_for_the_worker_and_the_
         assert "Traceback" not in out and "not-the-password" not in out, out[-3000:]
 
 
+def test_an_acl_that_denies_a_command_at_start_is_one_line_and_exit_2_for_the_worker_and_the_bot(tmp_path, models_dir,
+                                                                                               redis_server):
+    """An owner's Redis user that may not run XGROUP (both sides create their consumer groups at start): one line in
+    Redis's words with the fix, exit 2, no traceback (before: a traceback from each)."""
+    import redis as redis_sync
+
+    admin = redis_sync.Redis.from_url(redis_server.url)
+    admin.execute_command("ACL", "SETUSER", "drawer", "on", ">drawer-pw", "~*", "&*", "+@all", "-xgroup")
+    admin.close()
+    path = cluster_config(tmp_path / "config.toml", models_dir)
+    env = {**os.environ, "DRAWBOT_REDIS_URL": f"redis://drawer:drawer-pw@127.0.0.1:{redis_server.port}/0",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
+    env.pop("DRAWBOT_DISCORD_TOKEN", None)
+    line = (f"Redis at redis://***@127.0.0.1:{redis_server.port}/0 answered this user has no permissions to run the "
+            "'xgroup|create' command: give drawbot's Redis user every command it uses")
+    for command in ("worker", "run"):
+        done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), command], input="",
+                              capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, out[-3000:]
+        assert out.count(line) == 1, out[-3000:]
+        assert "Traceback" not in out and "drawer-pw" not in out, out[-3000:]
+
+
 def test_a_worker_stopped_while_redis_is_still_unreachable_exits_at_once(tmp_path, models_dir):
     """SIGTERM (systemctl stop) while the worker waits for Redis at start: it stops within seconds, exit 0 (before,
     its start-up retries did not look at the stop, and only SIGKILL ended it)."""
