@@ -79,7 +79,7 @@ class ClusterWorker:
                  self._identity.describe(), protocol.side(self._cap.largest_tier), self._cap.device)
         heartbeat = asyncio.create_task(self._heartbeat(stop), name="worker-heartbeat")
         outage_since: float | None = None  # Redis unreachable or refusing writes since then
-        failing = False  # the last attempt failed otherwise (a bug): said once, with its traceback
+        failing = False  # the last attempt failed otherwise (Redis said no, or a bug): said once per streak
         needs_groups = False
         try:
             while not stop.is_set() and not self._refused:
@@ -113,10 +113,10 @@ class ClusterWorker:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             try:
-                await self._redis.delete(self._keys.worker(self.name))
+                await self._redis.delete(self._keys.worker(self.name))  # else its heartbeat key expires by itself
             except Exception as exc:
                 if not is_transient(exc):
-                    raise
+                    log_unexpected(log, exc, "worker %s: removing its heartbeat key failed", self.name)
         return 2 if self._refused else 0
 
     async def _start(self) -> None:
