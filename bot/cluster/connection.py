@@ -51,20 +51,13 @@ def start_refused(url: str, exc: BaseException) -> str | None:
     """At start, Redis answering no (a password it refuses, an ACL without a command drawbot needs, a key of another
     type in the way) is a set-up error: the line that says so, with the fix, for an exit 2. An outage is not (None):
     it is waited out. Later in a run the same answers are retried (the owner may be fixing them)."""
-    refused = password_refused(url, exc)
-    if refused is not None or is_transient(exc) or not isinstance(exc, RedisError):
-        return refused
+    if isinstance(exc, AuthenticationError):
+        return (f"Redis at {redacted(url)} refuses the password ({describe(exc)}): set the one in its requirepass in "
+                "DRAWBOT_REDIS_URL or [cluster].redis_url_file (redis://:PASSWORD@host:6379/0)")
+    if is_transient(exc) or not isinstance(exc, RedisError):
+        return None
     return (f"Redis at {redacted(url)} answered {describe(exc)}: give drawbot's Redis user every command it uses "
             "(an ACL with +@all on its [cluster].namespace keys) and keep other programs' keys out of that namespace")
-
-
-def password_refused(url: str, exc: BaseException) -> str | None:
-    """At start, a password Redis refuses is a set-up error (exit 2 with the fix), not an outage to wait out; later
-    (the password changed on the Redis side) it is retried like one."""
-    if not isinstance(exc, AuthenticationError):
-        return None
-    return (f"Redis at {redacted(url)} refuses the password ({describe(exc)}): set the one in its requirepass in "
-            "DRAWBOT_REDIS_URL or [cluster].redis_url_file (redis://:PASSWORD@host:6379/0)")
 
 
 def log_unexpected(log: logging.Logger, exc: BaseException, message: str, *args: object) -> None:

@@ -143,11 +143,7 @@ def test_drawbot_run_with_local_worker_draws_on_this_machine(tmp_path, models_di
     """`drawbot run` with [cluster] local_worker = true and no other worker: the console's picture is drawn by the
     worker inside the bot process, through Redis."""
     path = cluster_config(tmp_path / "config.toml", models_dir, extra="local_worker = true")
-    env = {**os.environ, "DRAWBOT_REDIS_URL": redis_server.url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
-    env.pop("DRAWBOT_DISCORD_TOKEN", None)
-    done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), "run"], input="/draw a fox\n",
-                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+    done = _drawbot(tmp_path, path, redis_server.url, "run", input="/draw a fox\n")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "(and drawing here too)" in out, out[-3000:]
@@ -166,19 +162,10 @@ def test_a_password_redis_refuses_is_one_line_and_exit_2_for_the_worker_and_the_
     `drawbot run` each say so in one line with the fix and exit 2 (before, both retried for ever as "unreachable")."""
     path = cluster_config(tmp_path / "config.toml", models_dir)
     wrong = redis_server.url.replace(redis_server.password, "not-the-password")
-    env = {**os.environ, "DRAWBOT_REDIS_URL": wrong, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
-    env.pop("DRAWBOT_DISCORD_TOKEN", None)
     line = (f"Redis at redis://***@127.0.0.1:{redis_server.port}/0 refuses the password (invalid username-password "
             "pair or user is disabled.): set the one in its requirepass in DRAWBOT_REDIS_URL or "
             "[cluster].redis_url_file")
-    for command in ("worker", "run"):
-        done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), command], input="",
-                              capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
-        out = done.stdout + done.stderr
-        assert done.returncode == 2, out[-3000:]
-        assert out.count(line) == 1, out[-3000:]
-        assert "Traceback" not in out and "not-the-password" not in out, out[-3000:]
+    _worker_and_bot_exit_2_saying(line, tmp_path, path, wrong, secret="not-the-password")
 
 
 def test_an_acl_that_denies_a_command_at_start_is_one_line_and_exit_2_for_the_worker_and_the_bot(tmp_path, models_dir,
@@ -191,19 +178,10 @@ def test_an_acl_that_denies_a_command_at_start_is_one_line_and_exit_2_for_the_wo
     admin.execute_command("ACL", "SETUSER", "drawer", "on", ">drawer-pw", "~*", "&*", "+@all", "-xgroup")
     admin.close()
     path = cluster_config(tmp_path / "config.toml", models_dir)
-    env = {**os.environ, "DRAWBOT_REDIS_URL": f"redis://drawer:drawer-pw@127.0.0.1:{redis_server.port}/0",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
-    env.pop("DRAWBOT_DISCORD_TOKEN", None)
+    url = f"redis://drawer:drawer-pw@127.0.0.1:{redis_server.port}/0"
     line = (f"Redis at redis://***@127.0.0.1:{redis_server.port}/0 answered this user has no permissions to run the "
             "'xgroup|create' command: give drawbot's Redis user every command it uses")
-    for command in ("worker", "run"):
-        done = subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), command], input="",
-                              capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
-        out = done.stdout + done.stderr
-        assert done.returncode == 2, out[-3000:]
-        assert out.count(line) == 1, out[-3000:]
-        assert "Traceback" not in out and "drawer-pw" not in out, out[-3000:]
+    _worker_and_bot_exit_2_saying(line, tmp_path, path, url, secret="drawer-pw")
 
 
 def test_a_worker_stopped_while_redis_is_still_unreachable_exits_at_once(tmp_path, models_dir):
@@ -225,6 +203,25 @@ def test_a_worker_stopped_while_redis_is_still_unreachable_exits_at_once(tmp_pat
         assert "Traceback" not in pool.log("w1"), pool.log("w1")
     finally:
         pool.stop_all()
+
+
+def _drawbot(tmp_path, path, url: str, command: str, *, input: str = "") -> subprocess.CompletedProcess:
+    """`drawbot <command>` in a child process on this Redis URL, with no chat tokens (the console only)."""
+    env = {**os.environ, "DRAWBOT_REDIS_URL": url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("DRAWBOT_TELEGRAM_TOKEN", None)
+    env.pop("DRAWBOT_DISCORD_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "bot.cli", "--config", str(path), command], input=input,
+                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+
+
+def _worker_and_bot_exit_2_saying(line: str, tmp_path, path, url: str, *, secret: str) -> None:
+    """`drawbot worker` and `drawbot run` each: exit 2, `line` said once, no traceback, `secret` nowhere."""
+    for command in ("worker", "run"):
+        done = _drawbot(tmp_path, path, url, command)
+        out = done.stdout + done.stderr
+        assert done.returncode == 2, out[-3000:]
+        assert out.count(line) == 1, out[-3000:]
+        assert "Traceback" not in out and secret not in out, out[-3000:]
 
 
 async def _history(config):
