@@ -16,6 +16,8 @@
 #   bash bench/lowram.sh i   (a fresh machine) the pinned engine at 12 GB (fills the compile cache); the 8 GB card's
 #                            start-up from a dropped page cache; the 12 GB card in an 8 GiB cgroup from a dropped,
 #                            then a warm page cache
+#   bash bench/lowram.sh j   (a fresh machine) the weightless start-up: a tiny-model check on the GPU, then as i
+#                            with one picture after the 8 GB card's cold start-up
 #   bash bench/lowram.sh e   (a fresh machine) the files again; every size twice on the pinned engine from an empty
 #                            compile cache; the file-backed engine in 10 GiB from a dropped page cache
 # Each cgroup run writes NAME.mem.json: the largest anon / file / shmem of its memory.stat (polled every 0.2 s,
@@ -151,6 +153,23 @@ elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first 
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
   file12_runs 120 ${WARM12_BEFORE:-440}
+elif [ "$1" = j ]; then  # a fresh machine: the weightless start-up (engine.streaming.enable_streaming) checked on
+  # the GPU with the tiny model first (the same picture pinned and file-backed, else stop); then the pinned engine
+  # at 12 GB (a first start: fills the compile cache); the 8 GB card from a dropped page cache in 10 GiB with one
+  # picture; the 12 GB card in 8 GiB from a dropped, then (time allowing) a warm page cache
+  export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
+  T="python3 -m bench.startup --tiny --device cuda --compile eager --pictures 2"
+  log tiny-gpu; timeout 90 $T --host-ram-budget 64 --out $OUT/tiny_pinned.json 2>&1 | grep -E '^\{"event": "picture|Error|ready' | cut -c1-400
+  timeout 90 $T --host-ram-budget 0.3 --weight-cache-dir /tmp/wc_tiny --out $OUT/tiny_file.json 2>&1 | grep -E '^\{"event": "picture|Error|ready|read' | cut -c1-400
+  a=$(grep -o '"png_md5": "[0-9a-f]*"' $OUT/tiny_pinned.json | sort | md5sum); b=$(grep -o '"png_md5": "[0-9a-f]*"' $OUT/tiny_file.json | sort | md5sum)
+  [ -n "$(grep -o png_md5 $OUT/tiny_file.json)" ] && [ "$a" = "$b" ] || { log "tiny GPU check failed: pictures differ or missing"; exit 1; }
+  build
+  direct_rates
+  pinned12 120
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 150 $S --pictures 1 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
+  file12_runs 120 ${WARM12_BEFORE:-470}
 elif [ "$1" = d ]; then  # on a fresh machine: the files again, the file-backed engine from a dropped page cache
   build
   sync; echo 3 > /proc/sys/vm/drop_caches

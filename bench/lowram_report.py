@@ -91,7 +91,7 @@ def summarize(folder: Path) -> dict:
     # What the engine's start-up really read from the disk (`startup`), else the cache's size.
     read = (startup(cold_events, cold_rate)["read_gib"] if cold_loaded else None) or written
     cold_start = (read * GIB / (cold_rate * 1e9)) if read and cold_rate else None
-    parts = {k: cold_loaded.get(k) for k in ("load_s", "packing_s", "calibration_s", "warmup_s")}
+    parts = {k: cold_loaded.get(k) for k in ("load_s", "packing_s", "calibration_s", "warmup_s", "reading_s")}
     startups = {name: startup(events, cold_rate) for name in STARTUP_RUNS
                 if (events := _lines(folder / f"{name}.json")) and _event(events, "loaded")}
     return {"runs": runs, "builds": builds, "startups": startups,
@@ -104,7 +104,7 @@ def summarize(folder: Path) -> dict:
 STARTUP_RUNS = ("file8_cold_noahead", "file8_cold", "file12_cold")
 """Start-ups from a dropped page cache: the 8 GB card (in runs 7 and 8 also without the start-up read-ahead they
 tried: `_noahead`), the 12 GB card."""
-PHASES = ("load_s", "packing_s", "calibration_s", "warmup_s")
+PHASES = ("load_s", "packing_s", "calibration_s", "warmup_s", "reading_s")
 
 
 def startup(events: list[dict], cold_rate: float | None) -> dict:

@@ -16,6 +16,7 @@ thread, as in the bot. Not a test and not side by side: `bench.full_size` is the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import asyncio
 import json
 import logging
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                              "config's 'auto' (which stays eager on a CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--device", default=None,
+                        help="with --tiny: the device (cuda: a quick check of the GPU path before a full-size run)")
     args = parser.parse_args(argv)
     if args.models_dir is None and not args.tiny:
         parser.error("--models-dir is required (or --tiny)")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     async def serve() -> None:
         # The bot's path: the async engine loads and draws in its one GPU thread (torch.compile runs there too).
         pipelines: list = []
-        tiny = dict(model="tiny", device="cpu", width=64, height=64) if args.tiny else {}
+        tiny = dict(model="tiny", device=args.device or "cpu", width=64, height=64) if args.tiny else {}
         budget = args.host_ram_budget if args.host_ram_budget == "auto" else float(args.host_ram_budget)
         settings = EngineSettings(models_dir=models_dir, vram_budget_gb=args.budget, host_ram_budget_gb=budget,
                                   weight_cache_dir=args.weight_cache_dir, **tiny)
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         startup = pipeline.startup
         report("loaded", seconds=time.perf_counter() - started, compiled=streaming.torch_compiled,
                startup=engine.startup_line(), load_s=startup.load, packing_s=startup.packing,
-               calibration_s=startup.calibration, warmup_s=startup.warmup, graphs=compiled_graphs(),
+               calibration_s=startup.calibration, warmup_s=startup.warmup, reading_s=startup.reading, graphs=compiled_graphs(),
                pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB,
                host_weights_gib=streaming.host_bytes / GIB, resident_units=len(streaming.dit.resident),
                file_backed=streaming.dit.file_backed, cache_built=streaming.weight_cache_built,
@@ -212,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 report("picture", size=f"{width}x{height}", first=(width, height) not in seen,
                        seconds=time.perf_counter() - started, s_per_step=result.seconds_per_step,
                        new_graphs=compiled_graphs() - graphs, compiled=streaming.torch_compiled,
+                       png_md5=hashlib.md5(result.png).hexdigest(),
                        pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB)
                 seen.add((width, height))
         finally:

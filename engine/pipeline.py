@@ -110,6 +110,8 @@ class StartupTimes:
     """Stream mode: the 1-step generation at the default size (residency plan; the exact-shape compile)."""
     warmup: float = 0.0
     """The 1-step generation at a second size that compiles the shape-generic graph (torch.compile only)."""
+    reading: float = 0.0
+    """Stream mode: waiting for the weights read while those generations ran (resident units, page cache)."""
     compiled: bool = False
 
     def describe(self) -> str:
@@ -119,6 +121,8 @@ class StartupTimes:
         if self.calibration or self.warmup:
             parts.append(f"calibration + compile {self.calibration + self.warmup:.1f} s" if self.compiled
                          else f"calibration {self.calibration + self.warmup:.1f} s")
+        if self.reading >= 0.05:
+            parts.append(f"then weights read {self.reading:.1f} s")
         return f"ready in {self.total:.1f} s: " + ", ".join(parts)
 
 
@@ -195,7 +199,7 @@ class FluxPipeline:
         pipeline.startup = StartupTimes(
             total=time.monotonic() - started, load=loaded,
             packing=seconds.packing if seconds else 0.0, calibration=seconds.calibration if seconds else 0.0,
-            warmup=seconds.warmup if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled))
+            warmup=seconds.warmup if seconds else 0.0, reading=seconds.reading if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled))
         log.info("engine %s", pipeline.startup.describe())
         return pipeline
 

@@ -4,12 +4,14 @@ GPU (CLIP, VAE decoder), the residency plan from a calibration generation, and t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -62,6 +64,9 @@ class StartupSeconds:
     """The first 1-step generation at the default size: residency plan on a GPU, exact-shape graphs when compiled."""
     warmup: float = 0.0
     """The 1-step generation at a second size that compiles the shape-generic graphs (0 when not compiled)."""
+    reading: float = 0.0
+    """Waiting, after those generations, for the resident units' bytes and the page cache's warm-up (both read
+    while the generations ran: see `enable_streaming`)."""
 
 
 def _t5_units(t5: Any) -> list[torch.nn.Module]:
@@ -152,6 +157,39 @@ class PipelineStreaming:
         kept."""
         kept = self.dit.keep_in_page_cache(room)
         return kept + self.t5.keep_in_page_cache(room - kept)
+
+    @contextlib.contextmanager
+    def weightless(self) -> Iterator[None]:
+        """Inside: the streamed units of the DiT and T5 compute on zeroed slots and nothing is read or copied. What a
+        generation allocates, and what torch.compile traces, depends on shapes, dtypes and devices only, never on
+        the weights' values, so the start-up generations (residency plan, compiling) run this way: they read no
+        weights (on the file-backed path, 20 GiB from the disk) and the weights are read meanwhile (see
+        `enable_streaming`). The pictures they make are meaningless; the next real pass copies every unit again."""
+        streamers = (self.dit, self.t5)
+        for streamer in streamers:
+            streamer.reset()
+            streamer.weightless = True
+        self.pool.blank()
+        try:
+            yield
+        finally:
+            for streamer in streamers:
+                streamer.reset()
+                streamer.weightless = False
+            self.pool.blank()
+
+    def fill_resident(self, *, warm_page_cache: bool) -> int:
+        """Read what `plan(fill=False)` left empty: the resident units' bytes onto the GPU (on a side stream of its
+        own when called from another thread than the one computing) and, with `warm_page_cache`, the streamed units
+        the page cache keeps into it. Returns the bytes read."""
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            read = self.dit.fill_resident() + self.t5.fill_resident()
+        if side is not None:
+            side.synchronize()
+        if warm_page_cache:
+            read += self.dit.warm_page_cache() + self.t5.warm_page_cache()
+        return read
 
     @property
     def streamers(self) -> list[ModelStreamer]:
@@ -247,12 +285,12 @@ class PipelineStreaming:
         return sum(s.host_memory.pinned_bytes for s in self.streamers)
 
     def plan(self, budget_gb: float, calibrate: Callable[[], None], *, width: int, height: int,
-             margin_gb: float = DEFAULT_MARGIN_GB) -> MemoryReport:
+             margin_gb: float = DEFAULT_MARGIN_GB, fill: bool = True) -> MemoryReport:
         """Measure one generation with nothing resident, then keep as many units resident as the budget allows:
         DiT units first (used every step), T5 units with what is left. Resident weights add to every phase's peak
         one for one, so allowance = budget - device-wide peak of the calibration run - margin. The calibration
         decodes tiled; an untiled decode is measured on its own and kept when it costs no residency (or everything
-        fits anyway)."""
+        fits anyway). `fill=False`: the resident units' bytes are read later, by `fill_resident`."""
         if self.device.type != "cuda":
             raise RuntimeError("planning needs a CUDA device")
         self.dit.set_resident(())
@@ -286,9 +324,10 @@ class PipelineStreaming:
             peak = main.peak
         allowance = budget - peak - margin
         dit = choose_resident(self.dit.unit_bytes, allowance)
-        self.dit.set_resident(dit)
+        self.dit.set_resident(dit, fill=fill)
         left = allowance - self.dit.resident_bytes
-        self.t5.set_resident(choose_resident(self.t5.unit_bytes, left) if len(dit) == len(self.dit.units) else ())
+        self.t5.set_resident(choose_resident(self.t5.unit_bytes, left) if len(dit) == len(self.dit.units) else (),
+                             fill=fill)
         self.report = MemoryReport(
             budget=budget, device_peak=peak, main_peak=main.peak, untiled_decode_peak=untiled.peak,
             decode_tiled=self.decode_tiles is not None, context=context,
@@ -320,16 +359,16 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     in the compute mode asked for (`fp8_compute`, `torch_compile`: see `PipelineStreaming.set_fp8_compute` and
     `set_torch_compile`; "auto" compiles where `compile_unsupported_reason` finds nothing against it); on a CPU
     everything is streamed (the tests exercise the full streaming path that way). That first generation also
-    compiles: when compilation fails, the blocks run eagerly (with a warning) and it is redone. `page_cache_room`
-    (file-backed weights): the page cache's room for them now, so that the start-up generations, which stream every
-    unit, already read the units beyond it from the disk without evicting the others (planned again once the
-    residency is known)."""
+    compiles, and a second one at another size compiles the shape-generic graphs: when compilation fails, the
+    blocks run eagerly (with a warning) and both are redone. Both run weightless (`PipelineStreaming.weightless`):
+    what they measure and compile does not depend on the weights' values, so they read none, and the resident
+    units' bytes are read in a thread of their own while the second one compiles. `page_cache_room`
+    (file-backed weights): the page cache's room for them now; the streamed units it keeps are read into it in
+    that thread too, so the first picture finds them there."""
     started = time.monotonic()
     streaming = PipelineStreaming(pipe, device, slots=slots, weight_cache=weight_cache, sources=sources)
     seconds = streaming.startup_seconds
     seconds.packing = time.monotonic() - started
-    if page_cache_room is not None and streaming.dit.file_backed:
-        streaming.keep_in_page_cache(page_cache_room())
     if fp8_compute:
         streaming.set_fp8_compute(True)
     if torch_compile == "auto":
@@ -340,8 +379,9 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
     if torch_compile:
         streaming.set_torch_compile(True, backend=compile_backend)
     # Installed before the start-up generations so that the shape-generic one reuses the calibration's prompt
-    # embedding instead of streaming T5 again (on the file-backed path, a second read of T5 from the disk).
+    # embedding instead of running T5 again.
     prompt_cache = install_prompt_cache(pipe, patches=streaming.patches)
+    file_backed = page_cache_room is not None and streaming.dit.file_backed
 
     def calibrate() -> None:
         pipe(prompt="calibration", seed=0, num_inference_steps=1, width=width, height=height,
@@ -354,20 +394,35 @@ def enable_streaming(pipe, *, device: str, budget_gb: float, width: int, height:
         pipe(prompt="calibration", seed=0, num_inference_steps=1, width=other_width, height=other_height,
              progress_bar_cmd=lambda steps: steps)
 
+    def fill() -> int:
+        if file_backed:  # which streamed units the page cache keeps, now that the resident ones are known
+            assert page_cache_room is not None
+            streaming.keep_in_page_cache(page_cache_room())
+        return streaming.fill_resident(warm_page_cache=file_backed)
+
     def first_generation() -> None:
         if prompt_cache is not None:
             prompt_cache.clear()  # the calibration runs the text encoders: their memory is in the plan's peak
-        started = time.monotonic()
-        if torch.device(device).type == "cuda":
-            streaming.plan(budget_gb, calibrate, width=width, height=height, margin_gb=margin_gb)
-            seconds.calibration += time.monotonic() - started
-        elif streaming.torch_compiled:
-            calibrate()  # compile now, where a failure can still fall back
-            seconds.calibration += time.monotonic() - started
-        if streaming.torch_compiled and compile_other_size:
+        with streaming.weightless(), ThreadPoolExecutor(1, thread_name_prefix="weight-fill") as reader:
             started = time.monotonic()
-            other_size()
-            seconds.warmup += time.monotonic() - started
+            if torch.device(device).type == "cuda":
+                streaming.plan(budget_gb, calibrate, width=width, height=height, margin_gb=margin_gb, fill=False)
+                seconds.calibration += time.monotonic() - started
+            elif streaming.torch_compiled:
+                calibrate()  # compile now, where a failure can still fall back
+                seconds.calibration += time.monotonic() - started
+            filled = reader.submit(fill)
+            try:
+                if streaming.torch_compiled and compile_other_size:
+                    started = time.monotonic()
+                    other_size()
+                    seconds.warmup += time.monotonic() - started
+            finally:
+                started = time.monotonic()
+                read = filled.result()
+                seconds.reading += time.monotonic() - started
+        log.info("start-up read %.2f GiB of weights (resident units, page cache) while compiling, then waited %.1f s "
+                 "for the rest", read / GIB, seconds.reading)
 
     try:
         first_generation()

@@ -180,6 +180,20 @@ class SlotPool:
             staged.done()
         self.tags[slot] = tag
 
+    def claim(self, slot: int, tag: tuple) -> None:
+        """A weightless pass (see `ModelStreamer.weightless`): `slot` now stands for the unit tagged `tag`, with
+        whatever bytes it holds; nothing is read or copied."""
+        self._wait_reads()
+        self.tags[slot] = tag
+
+    def blank(self) -> None:
+        """Zero every slot and forget what they held: a weightless pass computes on zeros (finite values, no NaN),
+        and the next real pass copies every unit again."""
+        self._wait_reads()
+        for buffer in self.buffers:
+            buffer.zero_()
+        self.tags = [None] * self.count
+
     def _reader(self) -> ThreadPoolExecutor:
         if self._read_thread is None:
             self._read_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-reader")
@@ -291,6 +305,9 @@ class ModelStreamer:
         self._serial = itertools.count()
         self.pool: SlotPool | None = None
         self.synchronous = False
+        self.weightless = False
+        """Streamed units run on whatever their slot holds, nothing is read (`PipelineStreaming.weightless`)."""
+        self._unfilled: list[int] = []  # resident units whose GPU bytes `fill_resident` has still to read
         self._hooks: list = []
         self._order: list[int] = []
         self._position: dict[int, int] = {}
@@ -415,41 +432,72 @@ class ModelStreamer:
             self._hooks.append(unit.module.register_forward_hook(self._make_post_hook(unit.index)))
         self._replan()
 
-    def set_resident(self, indices: Sequence[int] | frozenset[int]) -> None:
+    def set_resident(self, indices: Sequence[int] | frozenset[int], *, fill: bool = True) -> None:
         """Keep exactly these units on the GPU (copied once, blocking); the others are streamed. A resident unit's
         host copy is handed back to the OS (at 12 GB that is 7.7 GiB of host RAM for MajicFLUX's DiT); if the unit
-        is streamed again later, its bytes are copied back from the GPU first."""
+        is streamed again later, its bytes are copied back from the GPU first. `fill=False`: the new resident units
+        get their GPU buffers (zeroed) and the plan takes effect, but their bytes are read by `fill_resident` later,
+        which may run in another thread while a weightless pass computes (start-up: the reads overlap compiling)."""
         wanted = set(indices)
         if not wanted <= set(range(len(self.units))):
             raise ValueError(f"{self.name}: no such units {sorted(wanted - set(range(len(self.units))))}")
         self.reset()
-        from_disk = self._resident_from_disk([u.index for u in self.units if u.index in wanted and u.device is None])
-        buffer = page_aligned_empty(page_align(max(self.units[i].nbytes for i in from_disk))) if from_disk else None
+        unfilled = set(self._unfilled)
+        self._unfilled = [i for i in self._unfilled if i in wanted]
         for unit in self.units:
             if unit.index in wanted and unit.device is None:
-                unit.device = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                if buffer is not None and unit.index in from_disk:
-                    position = from_disk.index(unit.index)
-                    self._read_from_disk(unit, from_disk[position + 1:position + 1 + DIRECT_AHEAD_BUFFERS], buffer)
-                else:
-                    unit.device.copy_(unit.host)  # blocking: done before the host pages go
+                unit.device = torch.zeros(unit.nbytes, dtype=torch.uint8, device=self.device)
                 unit.device_views = unit.views(unit.device)
                 unit.point(unit.device_views)
-                self.host_memory.release(unit.host_offset, unit.nbytes)
+                self._unfilled.append(unit.index)
             elif unit.index not in wanted and unit.device is not None:
-                self.host_memory.restore(unit.host_offset, unit.device, pin=self.pin)
+                if unit.index not in unfilled:  # its host bytes were handed back: they come from the GPU copy
+                    self.host_memory.restore(unit.host_offset, unit.device, pin=self.pin)
                 unit.point(unit.host_views)
                 unit.device, unit.device_views = None, []
         self._replan()
+        if fill:
+            self.fill_resident()
+
+    def fill_resident(self) -> int:
+        """Read the bytes of the resident units `set_resident(fill=False)` left empty onto the GPU, then hand their
+        host copies back (pinned: page-locked RAM; file-backed: the page cache). Units of a file-backed model that
+        are not in the page cache come from the disk with O_DIRECT, the next ones read ahead meanwhile (copied
+        from the mapping they would come in page fault by page fault). Safe in a thread of its own while the model
+        runs a weightless pass. Returns the bytes read."""
+        pending, self._unfilled = list(self._unfilled), []
+        if not pending:
+            return 0
+        from_disk = self._resident_from_disk(pending)
+        buffer = page_aligned_empty(page_align(max(self.units[i].nbytes for i in from_disk))) if from_disk else None
+        for index in pending:
+            unit = self.units[index]
+            assert unit.device is not None
+            if buffer is not None and index in from_disk:
+                position = from_disk.index(index)
+                self._read_from_disk(unit, from_disk[position + 1:position + 1 + DIRECT_AHEAD_BUFFERS], buffer)
+            else:
+                unit.device.copy_(unit.host)  # blocking: done before the host pages go
+            self.host_memory.release(unit.host_offset, unit.nbytes)
+        return sum(self.units[i].nbytes for i in pending)
 
     def _resident_from_disk(self, loading: list[int]) -> list[int]:
         """Of the units about to become resident, those a file-backed model reads from the disk with O_DIRECT: the
-        ones its page-cache plan left out (a start-up makes them resident right after a pass that dropped them;
-        copied from the mapping they would come in page fault by page fault)."""
+        ones not (wholly) in the page cache."""
         memory = self.host_memory
         if not isinstance(memory, FileMemory) or not memory.direct_reads:
             return []
-        return [index for index in loading if index in self._dropped]
+        return [index for index in loading
+                if memory.cached_fraction(self.units[index].host_offset, self.units[index].nbytes) < 1]
+
+    def warm_page_cache(self) -> int:
+        """File-backed: read the streamed units the page cache keeps (`keep_in_page_cache`) into it now, so the first
+        picture after a start finds them there. Returns the bytes read."""
+        memory = self.host_memory
+        if not isinstance(memory, FileMemory):
+            return 0
+        kept = [self.units[i] for i in self._order if i not in self._dropped]
+        return sum(memory.warm(unit.host_offset, unit.nbytes) for unit in kept)
 
     def _read_from_disk(self, unit: _Unit, following: list[int], buffer: torch.Tensor) -> None:
         """`unit`'s bytes onto its GPU buffer through `buffer` with O_DIRECT, the `following` disk units read ahead
@@ -501,8 +549,11 @@ class ModelStreamer:
         if known is not None and known[0] == slot and self._ring.tags[slot] == known[1]:
             return
         tag = (self._id, index, next(self._serial))
-        self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous,
-                        staged=self._file_read(index, self._order[self._cursor]) if self.file_backed else None)
+        if self.weightless:
+            self._ring.claim(slot, tag)
+        else:
+            self._ring.load(slot, self.units[index].host, tag, synchronous=self.synchronous,
+                            staged=self._file_read(index, self._order[self._cursor]) if self.file_backed else None)
         self._loaded[index] = (slot, tag)
 
     def _file_read(self, index: int, following: int) -> FileRead:

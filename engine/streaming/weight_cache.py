@@ -16,7 +16,9 @@ they are copied from the mapping instead."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +55,20 @@ DIRECT_READERS = 4
 DIRECT_AHEAD_BUFFERS = 2
 """Disk units read ahead with O_DIRECT while earlier units are copied (each buffer a unit's size: 2 x 320 MiB of
 anonymous memory for the DiT, counted in what the process holds)."""
+
+
+WARM_CHUNK = 8 << 20
+"""Bytes per buffered read when the page cache is warmed (`FileMemory.warm`)."""
+WARM_READERS = 4
+"""Buffered reads in flight while warming: as for O_DIRECT, what a disk needs for its sequential rate."""
+
+@functools.cache
+def _mincore() -> Callable[..., int] | None:
+    """libc's mincore(2), or None (not Linux, no libc)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
 
 
 class WeightCacheError(Exception):
@@ -112,6 +128,8 @@ class FileMemory:
         """Whether `read_direct` can read this file past the page cache."""
         self.direct_bytes = 0
         """Bytes read with O_DIRECT so far (the log, tests)."""
+        self._warm_pool: ThreadPoolExecutor | None = None
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))  # for mincore; the export ends here
 
     def _open_direct(self) -> bool:
         try:
@@ -143,6 +161,47 @@ class FileMemory:
         """Ask the kernel to start reading these bytes from the disk now (a no-op for pages already cached): the
         next unit's read overlaps this one's copy."""
         self._advise(getattr(mmap, "MADV_WILLNEED", None), offset, nbytes)
+
+    def cached_fraction(self, offset: int, nbytes: int) -> float:
+        """Share of these bytes' pages in the page cache now (mincore(2) on the mapping); 0.0 where that cannot be
+        asked (no mincore), so the caller reads them from the disk."""
+        if nbytes <= 0:
+            return 1.0
+        mincore = _mincore()
+        if mincore is None:
+            return 0.0
+        start = offset // PAGE * PAGE
+        length = offset + nbytes - start
+        pages = (length + PAGE - 1) // PAGE
+        vector = (ctypes.c_ubyte * pages)()
+        if mincore(ctypes.c_void_p(self._address + start), ctypes.c_size_t(length), vector) != 0:
+            return 0.0
+        return sum(v & 1 for v in vector) / pages
+
+    def warm(self, offset: int, nbytes: int) -> int:
+        """Read these bytes into the page cache (large buffered reads, WARM_READERS at a time) unless they are there
+        already; returns the bytes read."""
+        if nbytes <= 0 or self.cached_fraction(offset, nbytes) == 1:
+            return 0
+        fd = self._file.fileno()
+
+        def read(start: int) -> None:
+            scratch = bytearray(WARM_CHUNK)  # dropped after the read: the page cache keeps the bytes
+            length = min(WARM_CHUNK, offset + nbytes - start)
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [memoryview(scratch)[done:length]], start + done)
+                if got <= 0:
+                    raise OSError(errno.EIO, f"short read at byte {start + done}")
+                done += got
+
+        with self._ahead_lock:
+            if self._warm_pool is None:
+                self._warm_pool = ThreadPoolExecutor(WARM_READERS, thread_name_prefix="weight-warm")
+            pool = self._warm_pool
+        for future in [pool.submit(read, start) for start in range(offset, offset + nbytes, WARM_CHUNK)]:
+            future.result()
+        return nbytes
 
     def read_direct(self, offset: int, nbytes: int, into: torch.Tensor) -> bool:
         """Read these bytes from the disk into `into` (a CPU uint8 tensor, page-aligned, at least `nbytes` rounded
@@ -248,6 +307,9 @@ class FileMemory:
     def close(self) -> None:
         """Stop the O_DIRECT readers and close the file's descriptors (the mapping stays until collected)."""
         self.forget_read_ahead()
+        if self._warm_pool is not None:
+            self._warm_pool.shutdown()
+            self._warm_pool = None
         if self._direct_pool is not None:
             self._direct_pool.shutdown()
             self._direct_pool = None

@@ -585,11 +585,11 @@ def test_hitting_the_recompile_limit_is_said_and_runs_the_blocks_eagerly(stream_
     from engine.pipeline import FluxPipeline
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     real = module.enable_streaming
     monkeypatch.setattr(module, "enable_streaming",
                         lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": "eager"}))
-    with caplog.at_level("WARNING", logger="engine.streaming"):
+    # Dynamo's own patch: monkeypatch's undo would delete the setting from Dynamo's config for every later test.
+    with caplog.at_level("WARNING", logger="engine.streaming"), torch._dynamo.config.patch(recompile_limit=1):
         pipeline = FluxPipeline.load(stream_settings.model_copy(update={"torch_compile": True}))
     try:
         assert "FailOnRecompileLimitHit" in caplog.text and "eagerly" in caplog.text

@@ -357,3 +357,105 @@ def test_direct_reads_give_the_mapped_bytes_and_fall_back_where_they_cannot(tmp_
     monkeypatch.setattr(os, "open", no_o_direct)
     fallback = weight_cache.FileMemory(path, data.numel())
     assert not fallback.direct_reads and not fallback.read_direct(start, PAGE, buffer)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux) to drop pages")
+def test_cached_fraction_sees_the_page_cache_and_warm_fills_it(tmp_path):
+    """`FileMemory.cached_fraction` says how much of a range is in the page cache (as mincore(2) sees it through
+    another mapping); `warm` reads a range into it, exactly once."""
+    from engine.streaming import weight_cache
+    from engine.streaming.host_memory import PAGE
+
+    data = bytes(range(256)) * (64 * PAGE // 256)
+    path = tmp_path / "w.weights"
+    with open(path, "wb") as f:
+        f.write(bytes(weight_cache.HEADER_ROOM) + data)
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+    memory = weight_cache.FileMemory(path, len(data))
+    start = weight_cache.HEADER_ROOM
+    memory.drop(start, len(data))
+    assert memory.cached_fraction(start, len(data)) == 0 == _cached_fraction(path, start, len(data))
+    assert memory.warm(start + 8 * PAGE, 16 * PAGE) == 16 * PAGE
+    assert memory.cached_fraction(start + 8 * PAGE, 16 * PAGE) == 1 == _cached_fraction(path, start + 8 * PAGE,
+                                                                                         16 * PAGE)
+    assert memory.cached_fraction(start, 8 * PAGE) == 0
+    assert 0.2 < memory.cached_fraction(start, len(data)) < 0.3
+    assert memory.warm(start + 8 * PAGE, 16 * PAGE) == 0  # already there: nothing read
+    memory.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux) to drop pages")
+def test_resident_units_filled_later_from_another_thread_draw_the_same(tiny_settings, tmp_path):
+    """`set_resident(fill=False)` makes the plan take effect with empty GPU buffers; `fill_resident`, run in another
+    thread, reads their bytes (from the disk with O_DIRECT where they are not in the page cache, from it where they
+    are) and only then hands the host copies back; the picture does not change. A unit made resident and streamed
+    again before it was filled keeps its own bytes."""
+    if not _has_o_direct(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    from concurrent.futures import ThreadPoolExecutor
+
+    filed = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5,
+                                                   "weight_cache_dir": tmp_path / "cache"}))
+    dit = filed.streaming.dit
+    memory = dit.host_memory
+    before = _picture(filed, "an owl at dusk")
+    units = dit.units
+    cold, warm, never = units[0], units[1], units[2]
+    memory.drop(cold.host_offset, cold.nbytes)
+    memory.warm(warm.host_offset, warm.nbytes)
+    dit.set_resident({cold.index, warm.index, never.index}, fill=False)
+    assert dit.resident == {cold.index, warm.index, never.index}
+    assert not any(dit.units[cold.index].device.tolist())  # empty until filled
+    dit.set_resident({cold.index, warm.index}, fill=False)  # `never` streams again, unfilled: its bytes are the file's
+    direct = memory.direct_bytes
+    with ThreadPoolExecutor(1) as thread:
+        read = thread.submit(dit.fill_resident).result()
+    assert read == cold.nbytes + warm.nbytes
+    assert memory.direct_bytes - direct == cold.nbytes  # the cold one from the disk, the warm one from the cache
+    assert _cached_fraction(memory.path, warm.host_offset, warm.nbytes) == 0  # handed back once on the GPU
+    assert torch.equal(cold.device, cold.host) and torch.equal(warm.device, warm.host)
+    assert dit.fill_resident() == 0
+    assert _picture(filed, "an owl at dusk") == before
+    dit.set_resident(())
+    assert _picture(filed, "an owl at dusk") == before
+
+
+def test_the_start_up_generations_read_no_weights_and_warm_the_page_cache(tiny_settings, tmp_path, monkeypatch):
+    """The start-up generations (here the CPU's: compile, exact and shape-generic) run weightless: no streamed unit
+    is copied while they run, and they compile what the pictures after them use (no graph compiled at the first
+    picture). Meanwhile the streamed units the page cache keeps are read into it; the first picture is the
+    pinned path's, bit for bit."""
+    import torch._dynamo
+
+    from engine import host_ram
+    from engine import streaming as module
+    from engine.streaming import compiled_graphs, streamer
+
+    torch._dynamo.reset()
+    pinned = _load(tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 64}))
+    expected = _picture(pinned, "a stoat in ermine")
+    copies: list[tuple] = []
+    real_load = streamer.SlotPool.load
+    monkeypatch.setattr(streamer.SlotPool, "load", lambda self, slot, source, tag, **kw: (
+        copies.append(tag), real_load(self, slot, source, tag, **kw))[1])
+    real = module.enable_streaming
+    monkeypatch.setattr(module, "enable_streaming", lambda pipe, **kw: real(pipe, **{**kw, "compile_backend": "eager"}))
+    settings = tiny_settings.model_copy(update={"mode": "stream", "host_ram_budget_gb": 0.5, "torch_compile": True,
+                                                "weight_cache_dir": tmp_path / "cache"})
+    dit_bytes = sum(u.nbytes for u in pinned.streaming.dit.units)
+    monkeypatch.setattr(host_ram, "page_cache_room", lambda budget: dit_bytes // 2)  # room for half the DiT
+    filed = _load(settings)
+    try:
+        streaming = filed.streaming
+        assert streaming.torch_compiled and streaming.startup_seconds.warmup > 0  # both generations ran
+        assert copies == []  # no unit copied to a slot at start-up
+        dit = streaming.dit
+        kept = [dit.units[i] for i in dit._order if i not in dit._dropped]
+        assert kept and dit._dropped and all(_cached_fraction(dit.host_memory.path, u.host_offset, u.nbytes) == 1 for u in kept)
+        graphs = compiled_graphs()
+        assert _picture(filed, "a stoat in ermine") == expected
+        assert compiled_graphs() == graphs and copies
+    finally:
+        filed.streaming.set_torch_compile(False)
+        torch._dynamo.reset()
