@@ -423,6 +423,59 @@ def test_tiled_decode_switch_reaches_the_vae(stream_pipeline, streaming):
     assert np.array_equal(draw(pipe, "a fox, decode check"), untiled)
 
 
+def test_a_picture_smaller_than_a_decode_tile_decodes_whole(stream_pipeline, streaming):
+    """With the plan's tiled decode on (a 12 GB card at 1024²), a picture whose latent is no larger than one tile
+    (up to 512² with 64-latent-pixel tiles; chat allows 256²) decodes untiled instead of failing in DiffSynth's
+    tiling."""
+    from engine.streaming import DECODE_TILES
+
+    pipe = stream_pipeline.pipe
+    untiled = draw(pipe, "a fox, small decode")
+    streaming.decode_tiles = DECODE_TILES  # 64 latent pixels: the 64² test picture's latent is 8x8
+    try:
+        tiled = draw(pipe, "a fox, small decode")
+    finally:
+        streaming.decode_tiles = None
+    assert np.array_equal(tiled, untiled)
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (13, 8), (10, 23), (4, 31), (104 // 8, 152 // 8)])
+def test_tiles_cover_every_latent_position_and_blend_back_to_the_whole(shape):
+    """Tiles every `stride` with the last flush with the edge cover every position, for sides DiffSynth's own
+    tiling leaves partly uncovered (NaN there); a decoder that only upscales gives back exactly its untiled output."""
+    from engine.streaming.tiled_decode import decode_in_tiles, tile_starts
+
+    for length in range(1, 40):
+        starts = tile_starts(length, 4, 3)
+        covered = {i for start in starts for i in range(start, min(start + 4, length))}
+        assert covered == set(range(length)) and max(starts) + min(4, length) == length
+    sample = torch.randn(1, 3, *shape, generator=torch.Generator().manual_seed(5))
+
+    def upscale(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(8, -2).repeat_interleave(8, -1)
+
+    tiled = decode_in_tiles(upscale, sample, 4, 3)
+    assert tiled.shape == (1, 3, shape[0] * 8, shape[1] * 8)
+    assert torch.allclose(tiled, upscale(sample), atol=1e-6) and not tiled.isnan().any()
+
+
+def test_a_tiled_decode_of_an_uneven_size_has_no_gaps(stream_pipeline, streaming):
+    """The plan's tiled decode at a size whose latent is not tile + k * stride, where DiffSynth's own tiling leaves
+    the last rows and columns NaN (black bands in the picture): every pixel is decoded."""
+    pipe = stream_pipeline.pipe
+    latents = torch.randn(1, 16, 14, 11, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        whole = pipe.vae_decoder(latents)
+        theirs = type(pipe.vae_decoder).forward(pipe.vae_decoder, latents, tiled=True, tile_size=4, tile_stride=3)
+        streaming.decode_tiles = (4, 3)
+        try:
+            tiled = pipe.vae_decoder(latents)
+        finally:
+            streaming.decode_tiles = None
+    assert theirs.isnan().any()  # what the plan's tiled decode gave before
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+
+
 def test_frugal_loading_keeps_little_of_each_file_mapped_and_restores_the_environment(stream_settings, monkeypatch):
     """DiffSynth's DiskMap reads its re-open interval from the environment when it is made: inside the context it
     gets drawbot's (smaller) one, outside DiffSynth's default again."""
