@@ -199,7 +199,8 @@ class FluxPipeline:
         pipeline.startup = StartupTimes(
             total=time.monotonic() - started, load=loaded,
             packing=seconds.packing if seconds else 0.0, calibration=seconds.calibration if seconds else 0.0,
-            warmup=seconds.warmup if seconds else 0.0, reading=seconds.reading if seconds else 0.0, compiled=bool(streaming and streaming.torch_compiled))
+            warmup=seconds.warmup if seconds else 0.0, reading=seconds.reading if seconds else 0.0,
+            compiled=bool(streaming and streaming.torch_compiled))
         log.info("engine %s", pipeline.startup.describe())
         return pipeline
 

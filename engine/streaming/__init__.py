@@ -23,6 +23,10 @@ and evicts everything after each request (shared notes, performance.md §4). Her
   DiffSynth's per-call deep copy of norm modules (same values: fp8->bf16 is exact).
 - The plan is made from the device-wide peak (what nvidia-smi shows: CUDA context, cuBLAS/cuDNN workspaces and the
   allocator's cache included) sampled during the calibration generation, so the budget holds for the whole card.
+  That generation, and the one at a second size that compiles the shape-generic graphs, run *weightless*: streamed
+  units compute on zeroed slots and nothing is read, since what they allocate and what torch.compile traces depends
+  on shapes, never on values. The resident units' bytes (and, file-backed, the units the page cache keeps) are read
+  in a thread of their own while the second one compiles.
 - Compute modes: `torch.compile` of the DiT blocks (one graph per block class; the hooks above stay outside it; on
   by default where it can run, see `enable_streaming`) and, opt-in, float8 compute (`Float8Linears`: the blocks'
   linears multiply the float8 weights as stored with `torch._scaled_mm`, activations quantized per token on the
@@ -34,11 +38,12 @@ that the streamed path must match bit for bit (a race would show as a difference
 
 The package, one job per module: `host_memory` (the host allocation, bounded loading), `kernels` (Triton upcast and
 quantization), `float8` (float8 linears), `streamer` (unit layout, slot ring, `ModelStreamer`), `planning`
-(residency), `pipeline` (DiffSynth glue, compile switching), `prompt_cache` (a repeated prompt skips the text
-encoders: without it every request streams T5 again) and `patches` (every attribute set on a DiffSynth object goes
-through one recorder that can undo it). Written here rather than taken from a library because this is the product's
-edge: no offloading library keeps the weights in float8 end to end, plans residency from a measured device peak, and
-runs under torch.compile (bench/README.md compares diffusers' group offloading and DiffSynth's own).
+(residency), `pipeline` (DiffSynth glue, compile switching, the weightless start-up), `tiled_decode` (the VAE decode
+in tiles when the plan needs it), `weight_cache` (file-backed weights), `prompt_cache` (a repeated prompt skips the
+text encoders: without it every request streams T5 again) and `patches` (every attribute set on a DiffSynth object
+goes through one recorder that can undo it). Written here rather than taken from a library because this is the
+product's edge: no offloading library keeps the weights in float8 end to end, plans residency from a measured device
+peak, and runs under torch.compile (bench/README.md compares diffusers' group offloading and DiffSynth's own).
 """
 
 from engine import compat
