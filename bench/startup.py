@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                              "config's 'auto' (which stays eager on a CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script, not speed")
+    parser.add_argument("--refill-check", action="store_true",
+                        help="after the pictures, read the resident units again synchronously and draw the first "
+                             "picture again: its bytes must not change")
     parser.add_argument("--device", default=None,
                         help="with --tiny: the device (cuda: a quick check of the GPU path before a full-size run)")
     args = parser.parse_args(argv)
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         affordable = cost is None or cost.largest_pixels >= side * side
         largest = (side, side) if affordable else largest_like(side, side, cost.largest_pixels)
         seen: set[tuple[int, int]] = set()
+        drawn: list[tuple[GenerationRequest, bytes]] = []
         try:
             for number, (width, height) in enumerate(sequence(TINY_SIZES if args.tiny else SIZES, largest,
                                                               args.pictures)):
@@ -218,8 +222,19 @@ def main(argv: list[str] | None = None) -> int:
                        png_md5=hashlib.md5(result.png).hexdigest(),
                        pinned_gib=(streaming.pinned_bytes + sum(b.numel() for b in streaming.pool.staging)) / GIB)
                 seen.add((width, height))
+                drawn.append((request, result.png))
         finally:
             await engine.close()
+        if args.refill_check and drawn:
+            # The resident units read again, synchronously in this thread, then the first picture again: the same
+            # bytes say the start-up's background fill (engine.streaming.enable_streaming) put the right weights there.
+            request, png = drawn[0]
+            for streamer in (streaming.dit, streaming.t5):
+                resident = streamer.resident
+                streamer.set_resident(())
+                streamer.set_resident(resident)
+            again = pipeline.generate(request, lambda done, total: None)
+            report("refill_check", same=again.png == png, png_md5=hashlib.md5(again.png).hexdigest())
 
     with measure.PeakPoller() as poller:
         card = measure.emulate_card(args.budget)
