@@ -119,3 +119,13 @@ def test_draw_command_refuses_a_size_this_machine_cannot_afford_before_drawing(c
     err = capsys.readouterr().err
     assert "2048x2048 needs more memory than this CPU has" in err and "largest of that shape that fits is" in err
     assert not out.exists()
+
+
+def test_the_start_up_line_names_each_part_and_the_wait_for_weights_only_when_there_was_one():
+    from engine.pipeline import StartupTimes
+
+    assert StartupTimes(total=19.6, load=4.0, packing=0.6, calibration=5.9, warmup=8.1, reading=0.7,
+                        compiled=True).describe() == ("ready in 19.6 s: load 4.0 s, weights packed 0.6 s, "
+                                                      "calibration + compile 14.0 s, then weights read 0.7 s")
+    assert StartupTimes(total=6.0, load=4.0, packing=0.6, calibration=1.4, reading=0.01).describe() == (
+        "ready in 6.0 s: load 4.0 s, weights packed 0.6 s, calibration 1.4 s")
