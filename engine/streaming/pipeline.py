@@ -160,7 +160,8 @@ class PipelineStreaming:
         generation allocates, and what torch.compile traces, depends on shapes, dtypes and devices only, never on
         the weights' values, so the start-up generations (residency plan, compiling) run this way: they read no
         weights (on the file-backed path, 20 GiB from the disk) and the weights are read meanwhile (see
-        `enable_streaming`). The pictures they make are meaningless; the next real pass copies every unit again."""
+        `enable_streaming`; resident units whose bytes are still arriving meanwhile compute on what has arrived). The
+        pictures they make are meaningless; the next real pass copies every unit again."""
         streamers = (self.dit, self.t5)
         for streamer in streamers:
             streamer.reset()
