@@ -224,6 +224,25 @@ def _worker_and_bot_exit_2_saying(line: str, tmp_path, path, url: str, *, secret
         assert "Traceback" not in out and secret not in out, out[-3000:]
 
 
+async def _start_worker(cleanup: contextlib.AsyncExitStack, server: RedisServer, config, settings, name: str,
+                        stop: asyncio.Event, wrap=lambda pipeline: pipeline) -> asyncio.Task:
+    """A ClusterWorker in this process on `server`, drawing with the tiny model (the loaded pipeline passed through
+    `wrap`); its engine and Redis connection are released by `cleanup`. Returns the task running it until `stop`."""
+    from bot.cluster.worker import ClusterWorker, load_capability
+    from engine.pipeline import FluxPipeline
+    from engine.worker import Engine
+
+    pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
+    local = Engine(lambda: wrap(pipeline), max_queue=1)
+    await local.start()
+    cleanup.push_async_callback(local.close, timeout=0)
+    redis = client(server.url)
+    cleanup.push_async_callback(redis.aclose)
+    worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, name, local),
+                           url=server.url)
+    return asyncio.create_task(worker.run(stop))
+
+
 async def _history(config):
     store = await Store.open(config.storage.database_path, config.storage.images_dir)
     try:
@@ -236,9 +255,7 @@ async def test_two_live_workers_draw_two_jobs_at_once_and_etas_count_both(tmp_pa
     """The core's feeder reads the RemoteEngine's capacity: with two live workers two jobs are drawn at once (never
     three), and the queue ETA a user is told divides the jobs ahead between the two workers."""
     needs_redis()
-    from bot.cluster.worker import ClusterWorker, PaddedPipeline, load_capability
-    from engine.pipeline import FluxPipeline
-    from engine.worker import Engine
+    from bot.cluster.worker import PaddedPipeline
 
     path = cluster_config(tmp_path / "config.toml", models_dir, lease=5.0, heartbeat=0.2)
     config = load_config(path)
@@ -277,15 +294,8 @@ async def test_two_live_workers_draw_two_jobs_at_once_and_etas_count_both(tmp_pa
             assert not pending, "a worker did not stop within 30 s of its stop event"
 
         for n in range(2):
-            pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
-            local = Engine(lambda p=pipeline: Counted(p, 0.4), max_queue=1)
-            await local.start()
-            cleanup.push_async_callback(local.close, timeout=0)
-            redis = client(server.url)
-            cleanup.push_async_callback(redis.aclose)
-            worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, f"w{n}", local),
-                                   url=server.url)
-            tasks.append(asyncio.create_task(worker.run(stop)))
+            tasks.append(await _start_worker(cleanup, server, config, settings, f"w{n}", stop,
+                                             wrap=lambda pipeline: Counted(pipeline, 0.4)))
         cleanup.push_async_callback(stop_workers)  # before the engines and connections they use close
         bot_engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"),
                                   url=server.url, model_name="tiny")
@@ -358,9 +368,6 @@ async def test_redis_refusing_writes_is_one_line_on_each_side_and_the_job_accept
     error, by `min-replicas-to-write`): the worker and the bot each say so in one line and retry, neither stops, the
     job accepted meanwhile is not failed, and it is drawn and delivered once Redis takes writes again."""
     needs_redis()
-    from bot.cluster.worker import ClusterWorker, load_capability
-    from engine.pipeline import FluxPipeline
-    from engine.worker import Engine
 
     caplog.set_level(logging.INFO, logger="bot.cluster")
     path = cluster_config(tmp_path / "config.toml", models_dir, lease=3.0, heartbeat=0.3)
@@ -373,15 +380,7 @@ async def test_redis_refusing_writes_is_one_line_on_each_side_and_the_job_accept
         cleanup.callback(server.stop)
         store = await Store.open(config.storage.database_path, config.storage.images_dir)
         cleanup.push_async_callback(store.close)
-        pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
-        local = Engine(lambda: pipeline, max_queue=1)
-        await local.start()
-        cleanup.push_async_callback(local.close, timeout=0)
-        redis = client(server.url)
-        cleanup.push_async_callback(redis.aclose)
-        worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, "w0", local),
-                               url=server.url)
-        task = asyncio.create_task(worker.run(stop))
+        task = await _start_worker(cleanup, server, config, settings, "w0", stop)
 
         async def stop_worker():
             stop.set()
@@ -440,10 +439,7 @@ async def test_a_worker_stopped_while_redis_is_down_after_a_picture_stops_withou
     seconds, saying the job is drawn again after its lease, instead of retrying the hand-back until Redis returns
     (before: it never stopped while Redis was down)."""
     needs_redis()
-    from bot.cluster.worker import ClusterWorker, load_capability
     from engine.jobs import GenerationRequest
-    from engine.pipeline import FluxPipeline
-    from engine.worker import Engine
 
     caplog.set_level(logging.INFO, logger="bot.cluster")
     path = cluster_config(tmp_path / "config.toml", models_dir, lease=3.0, heartbeat=0.3)
@@ -467,15 +463,7 @@ async def test_a_worker_stopped_while_redis_is_down_after_a_picture_stops_withou
         server = RedisServer(tmp_path / "redis")
         server.start()
         cleanup.callback(server.stop)
-        pipeline = await asyncio.to_thread(FluxPipeline.load, settings)
-        local = Engine(lambda: Gated(pipeline), max_queue=1)
-        await local.start()
-        cleanup.push_async_callback(local.close, timeout=0)
-        redis = client(server.url)
-        cleanup.push_async_callback(redis.aclose)
-        worker = ClusterWorker(redis, config.cluster, local, load_capability(config, settings, "w0", local),
-                               url=server.url)
-        task = asyncio.create_task(worker.run(stop))
+        task = await _start_worker(cleanup, server, config, settings, "w0", stop, wrap=Gated)
         cleanup.callback(task.cancel)
         bot_engine = RemoteEngine(client(server.url), config.cluster, protocol.expected_identity("tiny"),
                                   url=server.url, model_name="tiny")
