@@ -89,6 +89,15 @@ file_runs() {  # file_runs PICTURES: the file-backed engine at 8 GB in a 10 GiB 
   log file-cold-cgroup10; in_cgroup file_cold 10 timeout 200 $S --pictures $1 --weight-cache-dir $WC \
     --out $OUT/file8_cold.json
 }
+cold_starts() {  # cold_starts PICTURES TIMEOUT WARM12_BEFORE: the read rates; the pinned engine at 12 GB (fills the
+  # compile cache); the 8 GB card from a dropped page cache in 10 GiB with PICTURES pictures; the 12 GB card in 8 GiB
+  direct_rates
+  pinned12 120
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  log file-cold-cgroup10; in_cgroup file_cold 10 timeout $2 $S --pictures $1 --weight-cache-dir $WC \
+    --out $OUT/file8_cold.json
+  file12_runs 120 $3
+}
 if [ "$1" = a ]; then
   build
   log read-warm; cat $WC/dit.weights > /dev/null
@@ -149,12 +158,7 @@ elif [ "$1" = i ]; then  # a fresh machine: the pinned engine at 12 GB (a first 
   # allowing) a warm page cache. (Runs 7 and 8 also ran a start-up read-ahead with and without: bench/README.md.)
   export TORCHINDUCTOR_CACHE_DIR=$PWD/models/inductor TRITON_CACHE_DIR=$PWD/models/triton
   build
-  direct_rates
-  pinned12 120
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 100 $S --pictures 0 --weight-cache-dir $WC \
-    --out $OUT/file8_cold.json
-  file12_runs 120 ${WARM12_BEFORE:-440}
+  cold_starts 0 100 ${WARM12_BEFORE:-440}
 elif [ "$1" = j ]; then  # a fresh machine: the weightless start-up (engine.streaming.enable_streaming) checked on
   # the GPU with the tiny model first (the same picture pinned and file-backed, else stop); then the pinned engine
   # at 12 GB (a first start: fills the compile cache); the 8 GB card from a dropped page cache in 10 GiB with one
@@ -166,12 +170,7 @@ elif [ "$1" = j ]; then  # a fresh machine: the weightless start-up (engine.stre
   a=$(grep -o '"png_md5": "[0-9a-f]*"' $OUT/tiny_pinned.json | sort | md5sum); b=$(grep -o '"png_md5": "[0-9a-f]*"' $OUT/tiny_file.json | sort | md5sum)
   [ -n "$(grep -o png_md5 $OUT/tiny_file.json)" ] && [ "$a" = "$b" ] || { log "tiny GPU check failed: pictures differ or missing"; exit 1; }
   build
-  direct_rates
-  pinned12 120
-  sync; echo 3 > /proc/sys/vm/drop_caches
-  log file-cold-cgroup10; in_cgroup file_cold 10 timeout 150 $S --pictures 1 --weight-cache-dir $WC \
-    --out $OUT/file8_cold.json
-  file12_runs 120 ${WARM12_BEFORE:-470}
+  cold_starts 1 150 ${WARM12_BEFORE:-470}
 elif [ "$1" = k ]; then  # a fresh machine: the 12 GB card's file-backed engine from a dropped page cache in 8 GiB
   # (compile cache empty: a first start), one picture, then its resident units read again synchronously and the
   # picture drawn again: the same bytes say the start-up's background fill put the right weights on the GPU
