@@ -446,7 +446,9 @@ class ModelStreamer:
         self._unfilled = [i for i in self._unfilled if i in wanted]
         for unit in self.units:
             if unit.index in wanted and unit.device is None:
-                unit.device = torch.zeros(unit.nbytes, dtype=torch.uint8, device=self.device)
+                # Zeroed only when a weightless pass may run on it before it is filled.
+                unit.device = (torch.empty if fill else torch.zeros)(unit.nbytes, dtype=torch.uint8,
+                                                                     device=self.device)
                 unit.device_views = unit.views(unit.device)
                 unit.point(unit.device_views)
                 self._unfilled.append(unit.index)
